@@ -1,0 +1,159 @@
+"""Typed configuration built from params.yaml.
+
+Each stage declares a frozen dataclass for its section; `load_config("sft", SFTConfig)` reads that
+section and fails at once, naming the stage and the key, on an unknown, missing or ill-typed key.
+Top-level keys (`seed`, `tracking`) reach a stage when its dataclass declares a field of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+GLOBAL_KEYS = ("seed", "tracking")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str  # empty: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db
+    experiment: str
+    log_models: bool  # copy each stage's model or adapter into its MLflow run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training stage passes to its TRL/transformers trainer."""
+
+    max_steps: int
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    gradient_checkpointing: bool
+    logging_steps: int
+    save_steps: int  # checkpoint period; a killed stage resumes from the last one
+    num_threads: int  # torch CPU threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How much of the model a fine-tuning stage trains (`method`) and the PEFT settings."""
+
+    method: Literal[
+        "full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"
+    ]
+    freeze_train_top_k: int  # method=freeze: train only the top k decoder layers (+ final norm)
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+    num_virtual_tokens: int  # prompt_tuning / prefix_tuning / p_tuning
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def load_config(stage: str, cls: type, path: str | Path = PARAMS_FILE, params: dict | None = None):
+    """Build `cls` from the `stage` section of params.yaml (plus any declared top-level keys)."""
+    params = read_params(path) if params is None else params
+    if stage not in params:
+        raise ConfigError(f"[{stage}] section missing from {path}")
+    section = params[stage]
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{stage}] expected a mapping, got {type(section).__name__}")
+    data = dict(section)
+    for key in GLOBAL_KEYS:
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            if key in data:
+                raise ConfigError(f"[{stage}] '{key}' is a top-level key; remove it from the section")
+            if key not in params:
+                raise ConfigError(f"[{stage}] missing top-level key '{key}'")
+            data[key] = params[key]
+    return build(cls, data, stage)
+
+
+def build(cls: type, data: Any, where: str):
+    """Recursively turn a mapping into dataclass `cls`, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"[{where}] unknown key(s): {', '.join(unknown)} (known: {', '.join(fields)})")
+    missing = [name for name in fields if name not in data]
+    if missing:
+        raise ConfigError(f"[{where}] missing key(s): {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(hints[name], data[name], f"{where}.{name}") for name in fields})
+
+
+def _coerce(tp: Any, value: Any, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"[{where}] must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"[{where}] expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{where}] expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"[{where}] expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+
+
+def cli(stage: str, cls: type, run, argv: list[str] | None = None):
+    """`python -m stages.<stage> [--params FILE]`: load the stage's config and run it."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage.")
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(stage, cls, args.params)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    metrics = run(cfg)
+    print(json.dumps(metrics, indent=2, default=str))
+    return metrics

@@ -1,0 +1,68 @@
+"""cpt: continued pretraining on raw domain text (causal LM over packed blocks), full or PEFT.
+
+Metrics: held-out perplexity before and after, so the effect of the stage is in its own numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stages.common import atomic_dir, read_jsonl, set_seed, write_json
+from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
+from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
+from stages.scoring import perplexity
+from stages.tracking import log_model_dir, log_stage_metrics, stage_run
+from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+
+
+@dataclass(frozen=True)
+class CPTConfig:
+    seed: int
+    tracking: TrackingConfig
+    model: str  # the model to continue from (a stage's folder, a Hugging Face id or path)
+    train_file: str
+    eval_file: str
+    adapter: AdapterConfig
+    train: TrainConfig  # train.max_length is the packed block size
+    out_dir: str
+
+
+def run(cfg: CPTConfig) -> dict:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(cfg.seed)
+    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
+    ckpt_dir, resume = prepare_checkpoints("cpt", fingerprint(cfg, inputs))
+    with stage_run("cpt", cfg, inputs=inputs):
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_for_training(cfg.model, cfg.adapter)
+        eval_texts = [r["text"] for r in read_jsonl(cfg.eval_file)]
+        ppl_before = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
+
+        apply_freeze(model, cfg.adapter)
+        if (pc := peft_config(cfg.adapter)) is not None:
+            model = get_peft_model(model, pc)
+        train_ds = Dataset.from_list([{"text": r["text"]} for r in read_jsonl(cfg.train_file)])
+        args = trainer_args(
+            SFTConfig, cfg.train, ckpt_dir, cfg.seed,
+            dataset_text_field="text", max_length=cfg.train.max_length,
+            packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+        result = train_with_resume(trainer, resume)
+        ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
+        metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,
+                   **trainable_share(trainer.model)}
+        with atomic_dir(cfg.out_dir) as tmp:
+            save_model(trainer.model, tokenizer, tmp, base_path=cfg.model)
+        log_stage_metrics(metrics)
+        log_model_dir(cfg.out_dir, cfg)
+    write_json("metrics/cpt.json", metrics)
+    clear_checkpoints("cpt")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli("cpt", CPTConfig, run)

@@ -1,0 +1,160 @@
+"""Loading, adapting and saving models: the one place that knows about PEFT adapters.
+
+A stage's output folder holds either a full model (safetensors) or only a PEFT adapter whose
+`base_model_name_or_path` points at the folder it was trained on. `load_model` follows that chain
+(models/sft -> models/cpt -> models/base), merging LoRA-family adapters on the way, so any stage can
+load any earlier stage's result without keeping a second full copy on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stages.common import REPO_ROOT
+from stages.config import AdapterConfig
+
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def _resolve(path: str) -> str:
+    """Local paths are stored relative to the repo so a clone elsewhere still resolves them."""
+    p = Path(path)
+    if not p.is_absolute() and (REPO_ROOT / p).exists():
+        return str(REPO_ROOT / p)
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve(str(path)))
+
+
+def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = False, dtype=torch.float32):
+    """Load a stage's model by local path or Hugging Face id; adapters are applied (and merged)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _resolve(str(path))
+    if not is_adapter_dir(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    from peft import PeftModel
+
+    base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_model(base_path, merge=True, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = PeftModel.from_pretrained(base, path)
+    if merge and not model.peft_config["default"].is_prompt_learning:
+        return model.merge_and_unload()
+    return model
+
+
+def rel(path: str | Path) -> str:
+    """Path relative to the repo root when inside it (for adapter configs and model cards)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
+    """The peft config for `adapter.method`, or None for full / freeze training."""
+    import peft
+
+    m = adapter.method
+    if m in ("full", "freeze"):
+        return None
+    if m == "qlora":
+        _require_qlora()
+    if m in ("lora", "qlora", "dora"):
+        return peft.LoraConfig(
+            task_type=task_type, r=adapter.lora_r, lora_alpha=adapter.lora_alpha,
+            lora_dropout=adapter.lora_dropout, target_modules=list(adapter.target_modules),
+            use_dora=(m == "dora"),
+        )
+    if m == "ia3":
+        ff = [t for t in adapter.target_modules if t in ("down_proj", "fc2", "mlp.c_proj")]
+        return peft.IA3Config(task_type=task_type, target_modules=list(adapter.target_modules), feedforward_modules=ff)
+    if m == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens)
+    if m == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens)
+    if m == "p_tuning":
+        return peft.PromptEncoderConfig(
+            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, encoder_hidden_size=64
+        )
+    raise ValueError(f"unknown adapter method {m!r}")
+
+
+def _require_qlora() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible. "
+                           "Use method: lora on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("method=qlora needs bitsandbytes: pip install bitsandbytes") from e
+
+
+def load_for_training(path: str | Path, adapter: AdapterConfig, trust_remote_code: bool = False):
+    """Load the model a stage trains from: 4-bit for qlora, merged weights otherwise."""
+    if adapter.method == "qlora":
+        _require_qlora()
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        if is_adapter_dir(path):
+            raise RuntimeError(f"qlora over an adapter folder ({path}) is not supported: export/merge it first")
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(_resolve(str(path)), quantization_config=bnb,
+                                                    trust_remote_code=trust_remote_code)
+    model = load_model(path, merge=True, trust_remote_code=trust_remote_code)
+    if hasattr(model, "peft_config"):
+        raise RuntimeError(f"{path} is a prompt-learning adapter; a later stage cannot train on top of it. "
+                           "Use a LoRA-family or full method upstream.")
+    return model
+
+
+def apply_freeze(model, adapter: AdapterConfig) -> None:
+    """method=freeze: train only the top `freeze_train_top_k` decoder layers and the final norm."""
+    if adapter.method != "freeze":
+        return
+    layers = model.model.layers
+    k = adapter.freeze_train_top_k
+    if not 0 < k <= len(layers):
+        raise ValueError(f"freeze_train_top_k={k} must be in 1..{len(layers)} (the model's layer count)")
+    for p in model.parameters():
+        p.requires_grad = False
+    for layer in layers[-k:]:
+        for p in layer.parameters():
+            p.requires_grad = True
+    for p in model.model.norm.parameters():
+        p.requires_grad = True
+
+
+def trainable_share(model) -> dict[str, float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
+
+
+def save_model(model, tokenizer, out_dir: str | Path, base_path: str | Path) -> None:
+    """Save safetensors: the adapter only for PEFT models (pointing at `base_path`), else all weights."""
+    out_dir = Path(out_dir)
+    if hasattr(model, "peft_config"):
+        model.peft_config["default"].base_model_name_or_path = rel(base_path)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def param_count(path: str | Path) -> int:
+    model = load_model(path)
+    return sum(p.numel() for p in model.parameters())
+

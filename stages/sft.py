@@ -1,0 +1,73 @@
+"""sft: supervised fine-tuning on the prepared mixture with TRL's SFTTrainer.
+
+The data is in TRL's conversational prompt-completion form, so the chat template is applied and the
+loss falls on the completion only. `adapter.method` picks full / freeze / a PEFT method; PEFT runs
+save only the adapter, which later stages load through stages.models.load_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stages.common import atomic_dir, read_jsonl, set_seed, write_json
+from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
+from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
+from stages.tracking import log_model_dir, log_stage_metrics, stage_run
+from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    seed: int
+    tracking: TrackingConfig
+    model: str
+    train_file: str
+    eval_file: str
+    packing: bool  # pack examples into max_length rows (padding-free; needs flash attention to be exact)
+    sampling: Literal["random", "group_by_length"]  # group_by_length batches similar lengths: less padding
+    adapter: AdapterConfig
+    train: TrainConfig
+    out_dir: str
+
+
+def _dataset(path: str):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)])
+
+
+def run(cfg: SFTStageConfig) -> dict:
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(cfg.seed)
+    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
+    ckpt_dir, resume = prepare_checkpoints("sft", fingerprint(cfg, inputs))
+    with stage_run("sft", cfg, inputs=inputs):
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_for_training(cfg.model, cfg.adapter)
+        apply_freeze(model, cfg.adapter)
+        if (pc := peft_config(cfg.adapter)) is not None:
+            model = get_peft_model(model, pc)
+        args = trainer_args(
+            SFTConfig, cfg.train, ckpt_dir, cfg.seed,
+            max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
+            train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(cfg.train_file),
+                             eval_dataset=_dataset(cfg.eval_file), processing_class=tokenizer)
+        result = train_with_resume(trainer, resume)
+        metrics = {**result, "eval_loss": trainer.evaluate()["eval_loss"], **trainable_share(trainer.model),
+                   "method": cfg.adapter.method}
+        with atomic_dir(cfg.out_dir) as tmp:
+            save_model(trainer.model, tokenizer, tmp, base_path=cfg.model)
+        log_stage_metrics(metrics)
+        log_model_dir(cfg.out_dir, cfg)
+    write_json("metrics/sft.json", metrics)
+    clear_checkpoints("sft")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli("sft", SFTStageConfig, run)

@@ -1,0 +1,107 @@
+"""MLflow: one child run per stage, grouped under one parent run per lifecycle.
+
+A lifecycle is one `dvc repro` (or one flow run): `$LIFECYCLE_ID` if set (the Prefect flow sets it),
+else a digest of the git commit and params.yaml, so every stage run of the same code and params lands
+under the same parent and the MLflow UI can compare whole lifecycles side by side.
+MLflow is never required to be up: with no URI the store is a local sqlite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from stages.common import REPO_ROOT, digest, git_commit
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def lifecycle_id(params_path: str | Path = "params.yaml") -> str:
+    if os.environ.get("LIFECYCLE_ID"):
+        return os.environ["LIFECYCLE_ID"]
+    h = hashlib.sha256(git_commit().encode())
+    p = Path(params_path)
+    if p.exists():
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    """Dataclass / nested dict -> {'a.b.c': value} for mlflow.log_params."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    out: dict[str, object] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parent_run(client, experiment_id: str, lifecycle: str, commit: str) -> str:
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.lifecycle = '{lifecycle}' and tags.kind = 'lifecycle'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=f"lifecycle-{lifecycle}",
+        tags={"lifecycle": lifecycle, "kind": "lifecycle", "git_commit": commit},
+    )
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg, inputs: dict[str, str | Path] | None = None) -> Iterator[object]:
+    """Start the stage's MLflow run (nested under its lifecycle) and log config, inputs and lineage.
+
+    `cfg` must carry `.tracking` (TrackingConfig). Yields the active mlflow run; metrics logged with
+    `mlflow.log_metric(s)` or by a trainer with report_to="mlflow" land in it.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg.tracking.uri))
+    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    client = mlflow.MlflowClient()
+    commit = git_commit()
+    lifecycle = lifecycle_id(REPO_ROOT / "params.yaml")
+    parent = _parent_run(client, experiment.experiment_id, lifecycle, commit)
+    tags = {
+        "dvc_stage": stage, "git_commit": commit, "lifecycle": lifecycle, "kind": "stage",
+        "mlflow.parentRunId": parent,
+    }
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        params = {f"cfg.{k}": v for k, v in flatten(cfg).items() if k != "tracking" and not k.startswith("tracking.")}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for name, path in (inputs or {}).items():
+            mlflow.set_tag(f"input.{name}.sha256", digest(path))
+            mlflow.set_tag(f"input.{name}.path", str(path))
+        yield run
+    client.set_terminated(parent)
+
+
+def log_stage_metrics(metrics: dict[str, object], prefix: str = "") -> None:
+    """Log the numeric entries of a (nested) metrics dict to the active run."""
+    import mlflow
+
+    flat = {f"{prefix}{k}": v for k, v in flatten(metrics).items()}
+    mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def log_model_dir(path: str | Path, cfg) -> None:
+    """Copy a saved model/adapter folder into the active run's artifacts (if tracking.log_models)."""
+    import mlflow
+
+    if cfg.tracking.log_models:
+        mlflow.log_artifacts(str(path), artifact_path="model")

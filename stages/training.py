@@ -1,0 +1,98 @@
+"""What the training stages share: trainer arguments from TrainConfig, and checkpoint/resume.
+
+Checkpoints live in checkpoints/<stage>/ (outside DVC's outs, which DVC deletes before a stage runs)
+next to a fingerprint of the stage's config and input data. A re-run after a kill resumes from the
+last checkpoint; a checkpoint made with other params or data is refused, not silently mixed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from stages.common import digest, resolve_precision, set_threads
+from stages.config import TrainConfig
+
+CHECKPOINT_ROOT = Path("checkpoints")
+
+
+class StaleCheckpointError(RuntimeError):
+    pass
+
+
+def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int, **extra):
+    """Build a TRL/transformers *Config from TrainConfig; `extra` holds the trainer-specific fields."""
+    set_threads(train.num_threads)
+    precision = resolve_precision(train.precision)
+    return config_cls(
+        output_dir=str(output_dir),
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=int(train.warmup_ratio * train.max_steps),
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        report_to=["mlflow"],
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def fingerprint(cfg, inputs: dict[str, str | Path]) -> str:
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    for name in sorted(inputs):
+        h.update(f"{name}={digest(inputs[name])}".encode())
+    return h.hexdigest()
+
+
+def prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
+    """Return (checkpoint dir, last checkpoint to resume from or None)."""
+    root = CHECKPOINT_ROOT / stage
+    stamp = root / "fingerprint.txt"
+    if root.exists() and stamp.exists() and stamp.read_text().strip() != fp:
+        raise StaleCheckpointError(
+            f"{root} holds a checkpoint of '{stage}' made with different params or data. "
+            f"Restore them to resume, or delete {root} to start this stage afresh."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+    ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return root, (str(ckpts[-1]) if ckpts else None)
+
+
+def clear_checkpoints(stage: str) -> None:
+    shutil.rmtree(CHECKPOINT_ROOT / stage, ignore_errors=True)
+
+
+def train_with_resume(trainer, resume_from: str | None) -> dict:
+    """Train (resuming if a checkpoint is given); return loss, wall time, real tokens/s and peak memory."""
+    from stages.common import peak_memory_mb
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    # TRL logs the running count of real (non-pad) tokens as 'num_tokens'.
+    tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
+    resumed = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+    steps_run = max(trainer.state.global_step - resumed, 1)
+    return {
+        "train_loss": result.training_loss,
+        "train_wall_s": wall,
+        "tokens_per_s": tokens * steps_run / max(trainer.state.global_step, 1) / wall if tokens else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from_step": resumed,
+    }

@@ -1,0 +1,78 @@
+"""params.yaml -> typed config: unknown, missing and ill-typed keys fail at load, naming stage and key."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.config import ConfigError, TrainConfig, build, load_config, read_params
+from stages.cpt import CPTConfig
+from stages.sft import SFTStageConfig
+
+REPO_PARAMS = read_params("params.yaml")
+
+
+def test_repo_params_load_for_every_stage():
+    from stages.base import BaseConfig
+    from stages.evaluate import EvaluateConfig
+    from stages.sample import SampleConfig
+
+    for stage, cls in [("sample", SampleConfig), ("base", BaseConfig), ("cpt", CPTConfig),
+                       ("sft", SFTStageConfig), ("evaluate", EvaluateConfig)]:
+        cfg = load_config(stage, cls, params=REPO_PARAMS)
+        assert cfg.seed == REPO_PARAMS["seed"]
+
+
+def _params_with(stage, mutate):
+    params = yaml.safe_load(yaml.safe_dump(REPO_PARAMS))
+    mutate(params[stage])
+    return params
+
+
+def test_unknown_key_is_named_with_its_stage():
+    params = _params_with("sft", lambda s: s["train"].update(learning_rte=0.1))
+    with pytest.raises(ConfigError, match=r"\[sft.train\] unknown key\(s\): learning_rte"):
+        load_config("sft", SFTStageConfig, params=params)
+
+
+def test_missing_key_is_named_with_its_stage():
+    params = _params_with("cpt", lambda s: s.pop("eval_file"))
+    with pytest.raises(ConfigError, match=r"\[cpt\] missing key\(s\): eval_file"):
+        load_config("cpt", CPTConfig, params=params)
+
+
+def test_wrong_type_and_bad_choice_are_rejected():
+    params = _params_with("sft", lambda s: s["train"].update(max_steps="many"))
+    with pytest.raises(ConfigError, match=r"\[sft.train.max_steps\] expected int, got 'many'"):
+        load_config("sft", SFTStageConfig, params=params)
+    params = _params_with("sft", lambda s: s["adapter"].update(method="lorax"))
+    with pytest.raises(ConfigError, match=r"\[sft.adapter.method\] must be one of"):
+        load_config("sft", SFTStageConfig, params=params)
+
+
+def test_int_is_accepted_for_float_but_bool_is_not_int():
+    train = dict(REPO_PARAMS["sft"]["train"], learning_rate=1)
+    assert build(TrainConfig, train, "t").learning_rate == 1.0
+    with pytest.raises(ConfigError, match="expected int"):
+        build(TrainConfig, dict(train, max_steps=True), "t")
+
+
+def test_missing_section_and_top_level_key():
+    params = dict(REPO_PARAMS)
+    params.pop("sft")
+    with pytest.raises(ConfigError, match=r"\[sft\] section missing"):
+        load_config("sft", SFTStageConfig, params=params)
+    params = dict(REPO_PARAMS)
+    params.pop("seed")
+    with pytest.raises(ConfigError, match=r"\[cpt\] missing top-level key 'seed'"):
+        load_config("cpt", CPTConfig, params=params)
+
+
+def test_cli_exits_nonzero_with_the_message(tmp_path):
+    params = _params_with("cpt", lambda s: s.update(bogus=1))
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "stages.cpt", "--params", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "config error: [cpt] unknown key(s): bogus" in proc.stderr
