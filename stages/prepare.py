@@ -1,0 +1,263 @@
+"""prepare: raw data in the formats people have -> validated, deduplicated, split data and the SFT mixture.
+
+    python -m stages.prepare [--params params.yaml]
+
+1. read and validate every source (stages.readers, schemas/): one bad row stops the stage, with a report
+   naming file, row, column and check, before anything is written;
+2. dedupe exact duplicates within each kind, keyed by the prompt (the text for the corpus), first kept;
+3. split each kind into train / eval by a seeded hash of the prompt (eval = eval_fraction of it,
+   at most max_eval_per_suite);
+4. drop from every train split the examples whose prompt is held out in any kind's eval split;
+5. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
+   repeating examples only where a kind has too few;
+6. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
+
+Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / preference rows follow TRL):
+  corpus_{train,eval}.jsonl       {"text"}
+  sft_{train,eval}.jsonl          {"prompt": messages, "completion": [assistant], "source": kind}
+  eval_instruction.jsonl          {"prompt", "answer"}     eval_cot.jsonl   {"prompt", "answer": final answer}
+  eval_harmful.jsonl              {"prompt"}               eval_benign.jsonl {"prompt"} (instruction eval prompts)
+  preference_{train,eval}.jsonl   {"prompt", "chosen": [assistant], "rejected": [assistant]}
+  prompts.jsonl                   {"prompt", "answer": str or null}   (all prompts: no split)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from stages.common import atomic_dir, write_json, write_jsonl
+from stages.config import ConfigError, TrackingConfig, cli
+from stages.readers import DataError, Problem, read_sources
+
+SFT_KINDS = ("instruction", "refusal", "cot")
+SPLIT_KINDS = ("corpus", "instruction", "refusal", "cot", "preference")  # prompts are not split
+METRICS_FILE = "metrics/prepare.json"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: str
+    kind: Literal["corpus", "instruction", "refusal", "cot", "preference", "prompt"]  # layout is auto-detected
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    size: int  # examples in sft_train.jsonl
+    ratios: dict[str, float]  # kind -> share of the mixture; sums to 1
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ConfigError(f"[prepare.mixture.size] must be at least 1, got {self.size}")
+        unknown = sorted(set(self.ratios) - set(SFT_KINDS))
+        if unknown:
+            raise ConfigError(f"[prepare.mixture.ratios] unknown kind(s) {unknown} (known: {list(SFT_KINDS)})")
+        negative = {k: r for k, r in self.ratios.items() if r < 0}
+        if negative:
+            raise ConfigError(f"[prepare.mixture.ratios] must not be negative, got {negative}")
+        total = sum(self.ratios.values())
+        if abs(total - 1) > 1e-6:
+            raise ConfigError(f"[prepare.mixture.ratios] must sum to 1, got {total:g} ({self.ratios})")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    seed: int
+    tracking: TrackingConfig
+    sources: list[SourceConfig]
+    eval_fraction: float  # held-out share of each kind after dedupe
+    max_eval_per_suite: int  # cap on each kind's eval split (the rest stays in train)
+    mixture: MixtureConfig
+    out_dir: str
+
+    def __post_init__(self):
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"[prepare.eval_fraction] must be in [0, 1), got {self.eval_fraction}")
+        if self.max_eval_per_suite < 0:
+            raise ConfigError(f"[prepare.max_eval_per_suite] must be >= 0, got {self.max_eval_per_suite}")
+        if not self.sources:
+            raise ConfigError("[prepare.sources] lists no sources")
+        kinds = {s.kind for s in self.sources}
+        orphans = [k for k, r in self.mixture.ratios.items() if r > 0 and k not in kinds]
+        if orphans:
+            raise ConfigError(f"[prepare.mixture.ratios] {orphans} have a share but no source in prepare.sources")
+
+
+# ---------------------------------------------------------------- steps
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def prompt_of(kind: str, row: dict) -> list[dict]:
+    """The messages a model sees before it answers."""
+    if kind == "instruction":
+        return row["messages"][:-1]
+    if kind == "preference":
+        return row["prompt"]
+    return user(row["question"] if kind == "cot" else row["prompt"])
+
+
+def key_of(kind: str, row: dict) -> str:
+    """What makes two examples duplicates: the text of a corpus document, else the prompt."""
+    return row["text"] if kind == "corpus" else json.dumps(prompt_of(kind, row), ensure_ascii=False)
+
+
+def dedupe(kind: str, rows: list[dict]) -> list[dict]:
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        key = key_of(kind, row)
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
+
+
+def rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
+
+
+def split(kind: str, rows: list[dict], fraction: float, cap: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): eval is the rows whose prompt ranks lowest under a seeded hash.
+
+    Every kind ranks by the same hash, so a prompt found in two kinds (a word problem that is both a cot
+    example and a preference pair) tends to fall on the same side in both, and step 4 drops few rows.
+    The order is pseudo-random, so any prefix of eval is a fair sample of it.
+    """
+    order = sorted(rows, key=lambda r: rank(seed, key_of(kind, r)))
+    n_eval = min(cap, round(len(order) * fraction))
+    return order[n_eval:], order[:n_eval]
+
+
+def mixture_counts(size: int, ratios: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder rounding: counts sum to `size`, each within 1 of size * ratio."""
+    exact = {k: size * r for k, r in ratios.items()}
+    counts = {k: int(x) for k, x in exact.items()}
+    by_remainder = sorted(ratios, key=lambda k: (exact[k] - counts[k], -list(ratios).index(k)), reverse=True)
+    for k in by_remainder[: size - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def build_mixture(train: dict[str, list[dict]], size: int, ratios: dict[str, float], seed: int):
+    """[(kind, row)] of `size` drawn at `ratios`; with replacement only for a kind with too few rows."""
+    rng = random.Random(f"{seed}:mixture")
+    picked, report = [], {}
+    for kind, want in mixture_counts(size, ratios).items():
+        pool = train.get(kind, [])
+        if want and not pool:
+            raise DataError([Problem("prepare.mixture", f"'{kind}' has ratio {ratios[kind]} but no train examples")])
+        if want <= len(pool):
+            rows = rng.sample(pool, want)
+        else:  # every example once, then repeats drawn at random
+            rows = rng.sample(pool, len(pool)) + rng.choices(pool, k=want - len(pool))
+        picked += [(kind, row) for row in rows]
+        report[kind] = {"count": want, "share": want / size, "target": ratios[kind], "available": len(pool),
+                        "upsampled": want > len(pool), "repeated": max(0, want - len(pool))}
+    rng.shuffle(picked)
+    by_source = Counter(row["_source"] for _, row in picked)
+    sources = {src: {"count": n, "share": n / size} for src, n in sorted(by_source.items())}
+    return picked, {"size": size, "kinds": report, "sources": sources}
+
+
+# ---------------------------------------------------------------- output rows
+
+
+def sft_row(kind: str, row: dict) -> dict:
+    if kind == "instruction":
+        completion = [row["messages"][-1]]
+    elif kind == "refusal":
+        completion = assistant(row["response"])
+    else:
+        completion = assistant(f"{row['rationale']}\n#### {row['answer']}")
+    return {"prompt": prompt_of(kind, row), "completion": completion, "source": kind}
+
+
+def preference_row(row: dict) -> dict:
+    return {"prompt": row["prompt"], "chosen": assistant(row["chosen"]), "rejected": assistant(row["rejected"])}
+
+
+def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kinds: list[str]) -> dict[str, list]:
+    """File name -> rows, for every file prepare writes (empty where a kind has no source)."""
+    return {
+        "corpus_train.jsonl": [{"text": r["text"]} for r in train["corpus"]],
+        "corpus_eval.jsonl": [{"text": r["text"]} for r in held["corpus"]],
+        "sft_train.jsonl": [sft_row(kind, r) for kind, r in mixture],
+        "sft_eval.jsonl": [sft_row(kind, r) for kind in sft_kinds for r in held[kind]],
+        "eval_instruction.jsonl": [{"prompt": prompt_of("instruction", r), "answer": r["messages"][-1]["content"]}
+                                   for r in held["instruction"]],
+        "eval_cot.jsonl": [{"prompt": prompt_of("cot", r), "answer": r["answer"]} for r in held["cot"]],
+        "eval_harmful.jsonl": [{"prompt": prompt_of("refusal", r)} for r in held["refusal"]],
+        "eval_benign.jsonl": [{"prompt": prompt_of("instruction", r)} for r in held["instruction"]],
+        "preference_train.jsonl": [preference_row(r) for r in train["preference"]],
+        "preference_eval.jsonl": [preference_row(r) for r in held["preference"]],
+        "prompts.jsonl": [{"prompt": prompt_of("prompt", r), "answer": r["answer"]} for r in prompts],
+    }
+
+
+# ---------------------------------------------------------------- stage
+
+
+def input_names(cfg: PrepareConfig) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for i, s in enumerate(cfg.sources):
+        name = Path(s.path).stem
+        names[name if name not in names else f"{name}_{i}"] = s.path
+    return names
+
+
+def run(cfg: PrepareConfig) -> dict:
+    tables = read_sources((s.path, s.kind) for s in cfg.sources)  # raises DataError; nothing written yet
+    rows: dict[str, list[dict]] = {kind: [] for kind in (*SPLIT_KINDS, "prompt")}
+    for t in tables:
+        rows[t.kind] += t.rows
+    unique = {kind: dedupe(kind, r) for kind, r in rows.items()}
+
+    train, held = {}, {}
+    for kind in SPLIT_KINDS:
+        train[kind], held[kind] = split(kind, unique[kind], cfg.eval_fraction, cfg.max_eval_per_suite, cfg.seed)
+    train["prompt"] = unique["prompt"]
+    held_out = {key_of(k, r) for k in SPLIT_KINDS if k != "corpus" for r in held[k]}
+    clean = {k: [r for r in v if k == "corpus" or key_of(k, r) not in held_out] for k, v in train.items()}
+
+    sft_kinds = [k for k in SFT_KINDS if cfg.mixture.ratios.get(k, 0) > 0]
+    ratios = {k: cfg.mixture.ratios[k] for k in sft_kinds}
+    mixture, mixture_report = build_mixture(clean, cfg.mixture.size, ratios, cfg.seed)
+    files = outputs(clean, held, clean["prompt"], mixture, sft_kinds)
+
+    metrics = {
+        "sources": {t.path: {"kind": t.kind, "layout": t.layout, "rows": len(t.rows)} for t in tables},
+        "dedupe": {k: {"rows": len(rows[k]), "duplicates": len(rows[k]) - len(unique[k]), "unique": len(unique[k])}
+                   for k in rows},
+        "split": {k: {"train": len(clean[k]), "eval": len(held[k])} for k in SPLIT_KINDS},
+        "held_out_prompts_dropped_from_train": {k: len(train[k]) - len(clean[k]) for k in train},
+        "mixture": mixture_report,
+        "outputs": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
+    }
+    from stages.tracking import log_stage_metrics, stage_run
+
+    with stage_run("prepare", cfg, inputs=input_names(cfg)):
+        with atomic_dir(cfg.out_dir) as tmp:
+            for name, out_rows in files.items():
+                write_jsonl(tmp / name, out_rows)
+        write_json(METRICS_FILE, metrics)
+        log_stage_metrics(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        cli("prepare", PrepareConfig, run)
+    except DataError as e:
+        raise SystemExit(f"data error: {e}")

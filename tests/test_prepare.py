@@ -1,0 +1,210 @@
+"""prepare: config checks, dedupe, deterministic split, mixture ratios, the written files, and a failing
+run that exits non-zero with the data report and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.common import REPO_ROOT, read_jsonl
+from stages.config import ConfigError, load_config
+from stages.prepare import PrepareConfig, build_mixture, dedupe, mixture_counts, run, split
+
+OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",
+           "eval_instruction.jsonl", "preference_eval.jsonl", "preference_train.jsonl", "prompts.jsonl",
+           "sft_eval.jsonl", "sft_train.jsonl"]
+RATIOS = {"instruction": 0.6, "refusal": 0.15, "cot": 0.25}
+
+
+def jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_fixture(root: Path) -> dict:
+    """~100-row sources of every kind in every file type; returns the params (as params.yaml holds them)."""
+    raw = root / "raw"
+    raw.mkdir()
+    docs = [{"text": f"Doc {i}: the fox crossed river {i}."} for i in range(40)]
+    jsonl(raw / "corpus.jsonl", docs + docs[:2])  # 2 duplicates
+    alpaca = [{"instruction": "Reverse the words.", "input": f"w{i} v{i}", "output": f"v{i} w{i}"} for i in range(100)]
+    (raw / "alpaca.json").write_text(json.dumps(alpaca + alpaca[:5]))  # 5 duplicates
+    jsonl(raw / "refusals.jsonl", [{"messages": [{"role": "user", "content": f"How do I steal car {i}?"},
+                                                 {"role": "assistant", "content": "I can't help with that."}]}
+                                   for i in range(12)])
+    questions = [f"Sam has {i} pens and gets 1 more. How many?" for i in range(40)]
+    pd.DataFrame({"question": questions, "answer": [f"{i} + 1 = {i + 1}.\n#### {i + 1}" for i in range(40)]}).to_csv(
+        raw / "cot.csv", index=False)
+    jsonl(raw / "preferences.jsonl", [{"chosen": f"\n\nHuman: Sort {i} 0\n\nAssistant: 0 {i}",
+                                       "rejected": f"\n\nHuman: Sort {i} 0\n\nAssistant: {i} 0"} for i in range(1, 31)])
+    # every cot question is also a prompt: the ones held out in eval_cot must not reach prompts.jsonl
+    pd.DataFrame({"prompt": questions + ["Name a colour."], "answer": [str(i + 1) for i in range(40)] + [None]}).to_parquet(
+        raw / "prompts.parquet", index=False)
+    sources = [("corpus.jsonl", "corpus"), ("alpaca.json", "instruction"), ("refusals.jsonl", "refusal"),
+               ("cot.csv", "cot"), ("preferences.jsonl", "preference"), ("prompts.parquet", "prompt")]
+    return {
+        "seed": 7,
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test-prepare", "log_models": False},
+        "prepare": {"sources": [{"path": f"raw/{p}", "kind": k} for p, k in sources], "eval_fraction": 0.2,
+                    "max_eval_per_suite": 15, "mixture": {"size": 100, "ratios": dict(RATIOS)},
+                    "out_dir": "processed"},
+    }
+
+
+def config(params: dict) -> PrepareConfig:
+    return load_config("prepare", PrepareConfig, params=params)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_repo_params_prepare_section_loads():
+    cfg = load_config("prepare", PrepareConfig, REPO_ROOT / "params.yaml")
+    assert sum(cfg.mixture.ratios.values()) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["mixture"]["ratios"].update(cot=0.1), "[prepare.mixture.ratios] must sum to 1, got 0.85"),
+    (lambda p: p["mixture"]["ratios"].update(chat=0.0), "[prepare.mixture.ratios] unknown kind(s) ['chat']"),
+    (lambda p: p.update(sources=p["sources"][:3]), "[prepare.mixture.ratios] ['cot'] have a share but no source"),
+    (lambda p: p["sources"][0].update(kind="dialog"), "[prepare.sources[0].kind] must be one of"),
+    (lambda p: p.update(eval_fraction=1.0), "[prepare.eval_fraction] must be in [0, 1)"),
+])
+def test_config_errors_name_the_key(tmp_path, change, message):
+    params = write_fixture(tmp_path)
+    change(params["prepare"])
+    with pytest.raises(ConfigError) as e:
+        config(params)
+    assert str(e.value).startswith(message)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def test_dedupe_keeps_the_first_of_each_prompt():
+    rows = [{"prompt": "a", "response": "1"}, {"prompt": "b", "response": "2"}, {"prompt": "a", "response": "3"}]
+    assert dedupe("refusal", rows) == rows[:2]
+    assert dedupe("corpus", [{"text": "x"}, {"text": "x"}, {"text": "x "}]) == [{"text": "x"}, {"text": "x "}]
+
+
+def test_split_is_deterministic_disjoint_and_capped():
+    rows = [{"text": f"doc {i}"} for i in range(100)]
+    train, held = split("corpus", rows, 0.15, 200, seed=1)
+    assert (len(train), len(held)) == (85, 15)
+    assert split("corpus", rows, 0.15, 200, seed=1) == (train, held)
+    assert split("corpus", list(reversed(rows)), 0.15, 200, seed=1) == (train, held)  # input order does not matter
+    assert {r["text"] for r in train}.isdisjoint(r["text"] for r in held)
+    assert split("corpus", rows, 0.15, 200, seed=2)[1] != held
+    assert len(split("corpus", rows, 0.15, 10, seed=1)[1]) == 10
+
+
+def test_mixture_counts_sum_to_size_within_rounding():
+    assert mixture_counts(100, RATIOS) == {"instruction": 60, "refusal": 15, "cot": 25}
+    counts = mixture_counts(10, {"instruction": 1 / 3, "refusal": 1 / 3, "cot": 1 / 3})
+    assert sum(counts.values()) == 10 and sorted(counts.values()) == [3, 3, 4]
+
+
+def test_mixture_hits_the_ratios_and_reports_upsampling():
+    pools = {kind: [{"_source": f"{kind}.jsonl", "i": i} for i in range(n)]
+             for kind, n in {"instruction": 70, "refusal": 10, "cot": 30}.items()}
+    picked, report = build_mixture(pools, 100, RATIOS, seed=3)
+    assert len(picked) == 100
+    for kind, ratio in RATIOS.items():
+        assert sum(k == kind for k, _ in picked) == report["kinds"][kind]["count"] == round(100 * ratio)
+        assert report["kinds"][kind]["share"] == pytest.approx(ratio, abs=0.01)
+    refusal = report["kinds"]["refusal"]
+    assert (refusal["available"], refusal["upsampled"], refusal["repeated"]) == (10, True, 5)
+    assert not report["kinds"]["instruction"]["upsampled"]
+    assert len({r["i"] for k, r in picked if k == "refusal"}) == 10  # every refusal used before any repeats
+    assert report["sources"]["cot.jsonl"] == {"count": 25, "share": 0.25}
+    assert build_mixture(pools, 100, RATIOS, seed=3)[0] == picked
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_run_writes_every_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    metrics = run(config(write_fixture(tmp_path)))
+    out = tmp_path / "processed"
+    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
+    files = {name: read_jsonl(out / name) for name in OUTPUTS}
+
+    assert metrics["dedupe"]["corpus"] == {"rows": 42, "duplicates": 2, "unique": 40}
+    assert metrics["dedupe"]["instruction"] == {"rows": 105, "duplicates": 5, "unique": 100}
+    assert metrics["split"]["instruction"] == {"train": 85, "eval": 15}  # 20% of 100, capped at 15
+    assert metrics["split"]["cot"] == {"train": 32, "eval": 8}
+    assert metrics["held_out_prompts_dropped_from_train"]["prompt"] == 8  # the eval_cot questions
+    assert {k: v["count"] for k, v in metrics["mixture"]["kinds"].items()} == {"instruction": 60, "refusal": 15, "cot": 25}
+    assert metrics["mixture"]["kinds"]["refusal"]["upsampled"]  # 10 train refusals for 15 places
+    assert json.loads((tmp_path / "metrics" / "prepare.json").read_text()) == metrics
+    assert metrics["outputs"] == {name.removesuffix(".jsonl"): len(rows) for name, rows in files.items()}
+
+    sft = files["sft_train.jsonl"]
+    assert {s: sum(r["source"] == s for r in sft) / len(sft) for s in RATIOS} == RATIOS
+    by_source = {r["source"]: r for r in sft}
+    assert by_source["instruction"]["prompt"][0]["content"].startswith("Reverse the words.\n\nw")
+    assert by_source["refusal"]["completion"] == [{"role": "assistant", "content": "I can't help with that."}]
+    cot = by_source["cot"]
+    i = int(cot["prompt"][0]["content"].split()[2])
+    assert cot == {"prompt": [{"role": "user", "content": f"Sam has {i} pens and gets 1 more. How many?"}],
+                   "completion": [{"role": "assistant", "content": f"{i} + 1 = {i + 1}.\n#### {i + 1}"}],
+                   "source": "cot"}
+    assert {r["source"] for r in files["sft_eval.jsonl"]} == set(RATIOS)
+
+    q = files["eval_cot.jsonl"][0]
+    assert q["answer"] == str(int(q["prompt"][0]["content"].split()[2]) + 1)
+    assert list(files["eval_instruction.jsonl"][0]) == ["prompt", "answer"]
+    assert [r["prompt"] for r in files["eval_benign.jsonl"]] == [r["prompt"] for r in files["eval_instruction.jsonl"]]
+    assert files["eval_harmful.jsonl"][0]["prompt"][0]["content"].startswith("How do I steal car")
+    pair = files["preference_train.jsonl"][0]
+    n = pair["prompt"][0]["content"].split()[1]
+    assert pair == {"prompt": [{"role": "user", "content": f"Sort {n} 0"}],
+                    "chosen": [{"role": "assistant", "content": f"0 {n}"}],
+                    "rejected": [{"role": "assistant", "content": f"{n} 0"}]}
+    assert {"prompt": [{"role": "user", "content": "Name a colour."}], "answer": None} in files["prompts.jsonl"]
+    held = {json.dumps(r["prompt"]) for name in OUTPUTS if name.startswith("eval_") for r in files[name]}
+    for name in ("sft_train.jsonl", "preference_train.jsonl", "prompts.jsonl"):
+        assert held.isdisjoint(json.dumps(r["prompt"]) for r in files[name]), name
+
+
+def _prepare_cli(cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", "stages.prepare", "--params", "params.yaml"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_failing_prepare_exits_nonzero_and_writes_nothing(tmp_path):
+    import yaml
+
+    params = write_fixture(tmp_path)
+    params["tracking"]["uri"] = ""
+    jsonl(tmp_path / "raw" / "preferences.jsonl", [{"prompt": "p", "chosen": "4", "rejected": "5"},
+                                                    {"prompt": "q", "chosen": "same", "rejected": "same"}])
+    (tmp_path / "raw" / "corpus.jsonl").write_text('{"text": "ok"}\n{"text": ""}\n')
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = _prepare_cli(tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "data error: 2 data problems:",
+        "  raw/corpus.jsonl line 2, column 'text': check 'non_empty' failed (value '')",
+        "  raw/preferences.jsonl line 2, column 'chosen, rejected': check 'chosen_ne_rejected' failed (value 'same')",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]  # no out_dir, metrics, mlflow.db
+
+
+def test_prepare_config_error_exits_nonzero(tmp_path):
+    import yaml
+
+    params = write_fixture(tmp_path)
+    params["prepare"]["mixture"]["ratios"]["cot"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = _prepare_cli(tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.startswith("config error: [prepare.mixture.ratios] must sum to 1, got 1.25")
+    assert not (tmp_path / "processed").exists()
