@@ -1,7 +1,102 @@
-"""Test setup shared by every test file: the repository root is importable (`stages`, `schemas`)
-whether or not the project is pip-installed."""
+"""Shared test fixtures: the repo's own params.yaml shrunk to a tiny lifecycle that runs in seconds.
 
+`tiny_params()` returns params.yaml with TINY merged over it; `make_workdir()` copies the code into a
+temp dir with those params (so stages write data/, models/, metrics/ and an sqlite MLflow store
+there, never into the checkout); `lifecycle` runs sample -> prepare -> base -> cpt -> sft once per
+session in such a dir, for tests of later stages to start from.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # importable with or without `pip install -e .`
+CODE = ["stages", "schemas", "flows", "dvc.yaml", "pyproject.toml"]
+
+_TRAIN = {"max_steps": 6, "batch_size": 4, "logging_steps": 2, "save_steps": 3, "warmup_ratio": 0.0, "num_threads": 1}
+TINY = {
+    "sample": {"n_corpus_docs": 120, "n_instruction": 200, "n_refusal": 40, "n_cot": 80, "n_preference": 80,
+               "n_prompts": 30},
+    "prepare": {"mixture": {"size": 120}, "max_eval_per_suite": 20},
+    "base": {"tokenizer": {"vocab_size": 320},
+             "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
+                      "intermediate_size": 64, "max_position_embeddings": 256}},
+    "cpt": {"train": dict(_TRAIN, max_length=64)},
+    "sft": {"train": dict(_TRAIN, max_length=128)},
+    "evaluate": {"max_per_suite": 6, "max_new_tokens": 8, "batch_size": 8, "num_threads": 1, "block_size": 32},
+}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def tiny_params(**overrides) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = deep_merge(params, {k: v for k, v in TINY.items() if k in params})
+    params["tracking"]["log_models"] = False
+    return deep_merge(params, overrides)
+
+
+def make_workdir(path: Path, params: dict | None = None) -> Path:
+    """A copy of the repo's code at `path` with a tiny params.yaml; stages run from there."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in CODE:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, path / name)
+    (path / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    return path
+
+
+def run_stage(name: str, workdir: Path):
+    """Run stage `name` in-process from `workdir` with that dir's params.yaml; return its metrics."""
+    import importlib
+
+    from stages.config import load_config
+
+    module = importlib.import_module(f"stages.{name}")
+    cls = next(v for k, v in vars(module).items() if k.endswith("Config") and getattr(v, "__module__", "") == module.__name__
+               and k not in ("TokenizerConfig", "TinyModelConfig"))
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        return module.run(load_config(name, cls, "params.yaml"))
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    # Any stage a test runs logs to a store of its own, never the checkout's mlflow.db.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("LIFECYCLE_ID", "test")
+
+
+@pytest.fixture(scope="session")
+def lifecycle(tmp_path_factory):
+    """sample -> prepare -> base -> cpt -> sft on the tiny settings, once per session (read-only for tests)."""
+    workdir = make_workdir(tmp_path_factory.mktemp("lifecycle"))
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    try:
+        metrics = {s: run_stage(s, workdir) for s in ("sample", "prepare", "base", "cpt", "sft")}
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return {"workdir": workdir, "metrics": metrics}
