@@ -38,10 +38,16 @@ class EvaluateConfig:
     plot: str
 
 
-def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg: EvaluateConfig):
-    """All suite scores of one model, plus a few sample generations per suite."""
+def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg: EvaluateConfig,
+                generations: dict | None = None):
+    """All suite scores of one model, plus a few sample generations per suite.
+
+    `generations`, if given, receives every suite's generations (suite -> list of str).
+    """
     gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
             for s, rows in suites.items()}
+    if generations is not None:
+        generations.update(gens)
     share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731
     scores = {
         "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size),
