@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from stages.common import atomic_dir, write_json, write_jsonl
-from stages.config import cli
+from stages.config import TrackingConfig, cli
+from stages.tracking import log_stage_metrics, stage_run
 
 WORDS = ["red", "blue", "green", "fox", "owl", "cat", "river", "stone", "moon", "tree", "lamp", "boat",
          "apple", "cloud", "bell", "sand", "wolf", "rain", "gold", "seed"]
@@ -36,6 +37,7 @@ REFUSAL = "I can't help with that request."
 @dataclass(frozen=True)
 class SampleConfig:
     seed: int
+    tracking: TrackingConfig
     out_dir: str
     n_corpus_docs: int
     n_instruction: int
@@ -187,6 +189,8 @@ def run(cfg: SampleConfig) -> dict:
 
     metrics = {"corpus_docs": len(corpus), "instruction_alpaca": len(alpaca), "instruction_sharegpt": len(sharegpt),
                "refusal": len(refusals), "cot": len(cot), "preference": len(prefs), "prompts": len(prompts)}
+    with stage_run("sample", cfg):
+        log_stage_metrics(metrics)
     write_json("metrics/sample.json", metrics)
     return metrics
 

@@ -57,8 +57,10 @@ def run(cfg: SFTStageConfig) -> dict:
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(cfg.train_file),
                              eval_dataset=_dataset(cfg.eval_file), processing_class=tokenizer)
+        eval_loss_before = trainer.evaluate()["eval_loss"]
         result = train_with_resume(trainer, resume)
-        metrics = {**result, "eval_loss": trainer.evaluate()["eval_loss"], **trainable_share(trainer.model),
+        metrics = {**result, "eval_loss_before": eval_loss_before, "eval_loss": trainer.evaluate()["eval_loss"],
+                   **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
         with atomic_dir(cfg.out_dir) as tmp:
             save_model(trainer.model, tokenizer, tmp, base_path=cfg.model)

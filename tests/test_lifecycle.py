@@ -1,0 +1,104 @@
+"""End to end: `dvc repro` of the whole lifecycle in a temporary git+DVC copy of the repo (tiny settings).
+
+Checks the metrics move the expected way, every stage logged to MLflow under one lifecycle, a second
+`dvc repro` trains nothing, and changing an sft value re-runs sft and what follows, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_workdir, tiny_params
+
+# Enough steps for the tiny model to move its metrics, still seconds per stage.
+E2E = {
+    "base": {"tiny": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 128}},
+    "cpt": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20}},
+    "sft": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20}},
+}
+UPSTREAM_OF_SFT = {"sample", "prepare", "base", "cpt"}
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = make_workdir(tmp_path_factory.mktemp("repo"), tiny_params(**E2E))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{path}/mlflow.db",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("LIFECYCLE_ID", None)
+    sh(["git", "init", "-q"], path)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], path)
+    sh([DVC, "init", "-q"], path)
+    sh([DVC, "config", "core.analytics", "false"], path)
+    first = sh([DVC, "repro"], path, env)
+    return {"path": path, "env": env, "first": first.stdout}
+
+
+def test_repro_runs_every_stage_and_metrics_move(repo):
+    path = repo["path"]
+    stages = set(yaml.safe_load((path / "dvc.yaml").read_text())["stages"])
+    assert ran_stages(repo["first"]) == stages
+    table = json.loads((path / "metrics/evaluate.json").read_text())
+    assert table["cpt"]["perplexity"] < 0.5 * table["base"]["perplexity"]
+    sft = json.loads((path / "metrics/sft.json").read_text())
+    assert sft["eval_loss"] < sft["eval_loss_before"]
+    assert (path / "plots/evaluate.csv").read_text().startswith("model,")
+    assert "## Sample generations" in (path / "reports/evaluate.md").read_text()
+
+
+def test_every_stage_logged_to_mlflow_under_one_lifecycle(repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo['path']}/mlflow.db")
+    exp = client.get_experiment_by_name("lifecycle")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "lifecycle"]
+    assert len(parents) == 1
+    children = {r.data.tags["dvc_stage"]: r for r in runs if r.data.tags.get("kind") == "stage"}
+    assert set(children) == set(yaml.safe_load((repo["path"] / "dvc.yaml").read_text())["stages"])
+    for stage, run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["git_commit"] != "unknown"
+        assert any(k.startswith("cfg.") for k in run.data.params), stage
+    assert children["sft"].data.params["cfg.train.max_steps"] == "40"
+    assert "train_loss" in children["sft"].data.metrics
+    assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) > 1  # a training curve
+    assert children["sft"].data.tags["input.train.sha256"]
+    assert "cpt.perplexity" in children["evaluate"].data.metrics
+
+
+def test_second_repro_is_a_no_op(repo):
+    path = repo["path"]
+    before = (path / "models/sft/model.safetensors").stat().st_mtime_ns
+    out = sh([DVC, "repro"], path, repo["env"]).stdout
+    assert ran_stages(out) == set()
+    assert (path / "models/sft/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_changing_an_sft_value_reruns_sft_and_downstream_only(repo):
+    path = repo["path"]
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["sft"]["train"]["learning_rate"] = 2.0e-3
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([DVC, "repro"], path, repo["env"]).stdout
+    ran = ran_stages(out)
+    assert {"sft", "evaluate"} <= ran
+    assert not ran & UPSTREAM_OF_SFT
