@@ -39,7 +39,7 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         gradient_accumulation_steps=train.grad_accum,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -48,6 +48,7 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         data_seed=seed,
         report_to=["mlflow"],
         dataloader_num_workers=0,
+        dataloader_pin_memory=precision != "fp32",  # pinning only helps a GPU
         **extra,
     )
 

@@ -1,0 +1,76 @@
+"""Crash safety and determinism of the training stages: resume after a kill, refuse stale
+checkpoints, atomic outputs, same seed -> same metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_workdir, run_stage, tiny_params
+from stages.common import atomic_dir
+from stages.training import StaleCheckpointError
+
+
+def workdir_after_cpt(lifecycle, path: Path, **overrides) -> Path:
+    """A fresh workdir holding the lifecycle's prepared data and base/cpt models."""
+    make_workdir(path, tiny_params(**overrides))
+    src = lifecycle["workdir"]
+    for name in ("data/processed", "models/base", "models/cpt"):
+        shutil.copytree(src / name, path / name)
+    return path
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint_and_refuses_other_params(lifecycle, tmp_path):
+    long_run = {"sft": {"train": {"max_steps": 300, "save_steps": 10}}}
+    work = workdir_after_cpt(lifecycle, tmp_path / "w", **long_run)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sft"], cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not list((work / "checkpoints/sft").glob("checkpoint-*")) and time.time() < deadline:
+        assert proc.poll() is None, "sft ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint finish writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "models/sft").exists(), "a killed stage must not leave an output"
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    changed = json.loads(json.dumps(params))
+    changed["sft"]["train"]["learning_rate"] = 1.0e-4
+    (work / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(StaleCheckpointError, match="made with different params or data"):
+        run_stage("sft", work)
+    assert not (work / "models/sft").exists()
+
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    metrics = run_stage("sft", work)
+    assert metrics["resumed_from_step"] >= 10
+    assert (work / "models/sft/model.safetensors").exists()
+    assert not (work / "checkpoints/sft").exists()  # cleared after success
+
+
+def test_same_seed_gives_same_metrics(lifecycle, tmp_path):
+    runs = [run_stage("cpt", workdir_after_cpt(lifecycle, tmp_path / f"w{i}")) for i in range(2)]
+    for key in ("train_loss", "perplexity_before", "perplexity_after"):
+        assert runs[0][key] == runs[1][key], key
+
+
+def test_atomic_dir_leaves_old_output_when_the_block_fails(tmp_path):
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "weights").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
