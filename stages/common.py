@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,13 +19,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------- outputs
 
 
+def is_main_process() -> bool:
+    """False in the other ranks of a multi-process launch (accelerate launch / torchrun set RANK).
+
+    Only the main process writes a stage's outputs, metrics and MLflow runs; the others train and exit.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success it replaces `final` in one rename.
 
     A stage killed inside the block leaves `final` untouched (old or absent), never half written.
+    In a non-main rank the block gets a scratch dir that is thrown away: the main process alone writes `final`.
     """
     final = Path(final)
+    if not is_main_process():
+        with tempfile.TemporaryDirectory(prefix=f"{final.name}.rank{os.environ['RANK']}-") as scratch:
+            yield Path(scratch)
+        return
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -45,7 +59,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); only the main process of a multi-process launch writes."""
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp-" + str(os.getpid()))

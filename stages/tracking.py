@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from stages.common import REPO_ROOT, digest, git_commit
+from stages.common import REPO_ROOT, digest, git_commit, is_main_process
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -48,7 +48,8 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _parent_run(client, experiment_id: str, lifecycle: str, commit: str) -> str:
+def _parent_run(client, experiment_id: str, lifecycle: str, commit: str, params: dict | None = None) -> str:
+    """The lifecycle's parent run: found by its tag, else created with the whole params.yaml as its params."""
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.lifecycle = '{lifecycle}' and tags.kind = 'lifecycle'",
         max_results=1,
@@ -59,7 +60,33 @@ def _parent_run(client, experiment_id: str, lifecycle: str, commit: str) -> str:
         experiment_id, run_name=f"lifecycle-{lifecycle}",
         tags={"lifecycle": lifecycle, "kind": "lifecycle", "git_commit": commit},
     )
+    if params:
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in flatten(params).items()])
     return run.info.run_id
+
+
+def lifecycle_run(tracking, lifecycle: str, commit: str, params: dict, tags: dict[str, str] | None = None) -> str:
+    """Open (or find) the parent run of `lifecycle` before its stages run, add `tags`; return its run id.
+
+    The Prefect flow calls this with LIFECYCLE_ID = `lifecycle`, so the stage runs it starts nest under it.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(tracking.uri))
+    experiment = mlflow.set_experiment(tracking.experiment)
+    client = mlflow.MlflowClient()
+    run_id = _parent_run(client, experiment.experiment_id, lifecycle, commit, params)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    return run_id
+
+
+def _read_params(path: Path) -> dict | None:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.exists() else None
 
 
 @contextlib.contextmanager
@@ -67,8 +94,12 @@ def stage_run(stage: str, cfg, inputs: dict[str, str | Path] | None = None) -> I
     """Start the stage's MLflow run (nested under its lifecycle) and log config, inputs and lineage.
 
     `cfg` must carry `.tracking` (TrackingConfig). Yields the active mlflow run; metrics logged with
-    `mlflow.log_metric(s)` or by a trainer with report_to="mlflow" land in it.
+    `mlflow.log_metric(s)` or by a trainer with report_to="mlflow" land in it. In the other ranks of a
+    multi-process launch it yields None and logs nothing (transformers' MLflow callback logs from rank 0 only).
     """
+    if not is_main_process():
+        yield None
+        return
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg.tracking.uri))
@@ -76,7 +107,7 @@ def stage_run(stage: str, cfg, inputs: dict[str, str | Path] | None = None) -> I
     client = mlflow.MlflowClient()
     commit = git_commit()
     lifecycle = lifecycle_id(REPO_ROOT / "params.yaml")
-    parent = _parent_run(client, experiment.experiment_id, lifecycle, commit)
+    parent = _parent_run(client, experiment.experiment_id, lifecycle, commit, _read_params(REPO_ROOT / "params.yaml"))
     tags = {
         "dvc_stage": stage, "git_commit": commit, "lifecycle": lifecycle, "kind": "stage",
         "mlflow.parentRunId": parent,
@@ -92,7 +123,9 @@ def stage_run(stage: str, cfg, inputs: dict[str, str | Path] | None = None) -> I
 
 
 def log_stage_metrics(metrics: dict[str, object], prefix: str = "") -> None:
-    """Log the numeric entries of a (nested) metrics dict to the active run."""
+    """Log the numeric entries of a (nested) metrics dict to the active run (main process only)."""
+    if not is_main_process():
+        return
     import mlflow
 
     flat = {f"{prefix}{k}": v for k, v in flatten(metrics).items()}
@@ -100,7 +133,9 @@ def log_stage_metrics(metrics: dict[str, object], prefix: str = "") -> None:
 
 
 def log_model_dir(path: str | Path, cfg) -> None:
-    """Copy a saved model/adapter folder into the active run's artifacts (if tracking.log_models)."""
+    """Copy a saved model/adapter folder into the active run's artifacts (if tracking.log_models; main process only)."""
+    if not is_main_process():
+        return
     import mlflow
 
     if cfg.tracking.log_models:

@@ -26,6 +26,8 @@ class StaleCheckpointError(RuntimeError):
 
 def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int, **extra):
     """Build a TRL/transformers *Config from TrainConfig; `extra` holds the trainer-specific fields."""
+    import torch
+
     set_threads(train.num_threads)
     precision = resolve_precision(train.precision)
     return config_cls(
@@ -48,7 +50,7 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         data_seed=seed,
         report_to=["mlflow"],
         dataloader_num_workers=0,
-        dataloader_pin_memory=precision != "fp32",  # pinning only helps a GPU
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
         **extra,
     )
 

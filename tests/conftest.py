@@ -32,6 +32,11 @@ TINY = {
     "cpt": {"train": dict(_TRAIN, max_length=64)},
     "sft": {"train": dict(_TRAIN, max_length=128)},
     "evaluate": {"max_per_suite": 6, "max_new_tokens": 8, "batch_size": 8, "num_threads": 1, "block_size": 32},
+    "reward": {"eval_batch_size": 8, "train": dict(_TRAIN, max_length=128)},
+    "align": {"generation": {"num_generations": 2, "max_completion_length": 8},
+              "train": dict(_TRAIN, max_length=128)},
+    "rft": {"max_prompts": 8, "num_samples": 2, "max_new_tokens": 16, "batch_size": 8, "max_eval": 6,
+            "train": dict(_TRAIN, max_length=128)},
 }
 
 
@@ -65,12 +70,12 @@ def make_workdir(path: Path, params: dict | None = None) -> Path:
 def run_stage(name: str, workdir: Path):
     """Run stage `name` in-process from `workdir` with that dir's params.yaml; return its metrics."""
     import importlib
+    import typing
 
     from stages.config import load_config
 
     module = importlib.import_module(f"stages.{name}")
-    cls = next(v for k, v in vars(module).items() if k.endswith("Config") and getattr(v, "__module__", "") == module.__name__
-               and k not in ("TokenizerConfig", "TinyModelConfig"))
+    cls = typing.get_type_hints(module.run)["cfg"]  # the stage's config class: what its run() takes
     old = os.getcwd()
     os.chdir(workdir)
     try:
