@@ -82,12 +82,18 @@ def clear_checkpoints(stage: str) -> None:
 
 
 def train_with_resume(trainer, resume_from: str | None) -> dict:
-    """Train (resuming if a checkpoint is given); return loss, wall time, real tokens/s and peak memory."""
+    """Train (resuming if a checkpoint is given); return loss, wall time, real tokens/s, peak memory, world size.
+
+    Under a multi-process launch every rank trains (and says so in the log); the numbers are rank 0's,
+    except tokens, which TRL counts over all ranks.
+    """
     from stages.common import peak_memory_mb
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
+    rank, world = trainer.args.process_index, trainer.args.world_size
+    print(f"[train] rank {rank} of {world}: {trainer.state.global_step} steps in {wall:.1f}s", flush=True)
     # TRL logs the running count of real (non-pad) tokens as 'num_tokens'.
     tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
     resumed = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
@@ -98,4 +104,5 @@ def train_with_resume(trainer, resume_from: str | None) -> dict:
         "tokens_per_s": tokens * steps_run / max(trainer.state.global_step, 1) / wall if tokens else None,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from_step": resumed,
+        "world_size": world,
     }
