@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # importable with or without `pip install -e .`
-CODE = ["stages", "schemas", "flows", "dvc.yaml", "pyproject.toml"]
+CODE = ["stages", "schemas", "flows", "configs", "dvc.yaml", "pyproject.toml"]
 
 _TRAIN = {"max_steps": 6, "batch_size": 4, "logging_steps": 2, "save_steps": 3, "warmup_ratio": 0.0, "num_threads": 1}
 TINY = {
