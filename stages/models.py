@@ -9,11 +9,11 @@ load any earlier stage's result without keeping a second full copy on disk.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from stages.common import REPO_ROOT
 from stages.config import AdapterConfig
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -24,11 +24,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def _resolve(path: str) -> str:
-    """Local paths are stored relative to the repo so a clone elsewhere still resolves them."""
+    """An existing local path made absolute (so transformers never mistakes it for a hub id)."""
     p = Path(path)
-    if not p.is_absolute() and (REPO_ROOT / p).exists():
-        return str(REPO_ROOT / p)
-    return path
+    return str(p.resolve()) if not p.is_absolute() and p.exists() else path
 
 
 def load_tokenizer(path: str | Path):
@@ -48,7 +46,7 @@ def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = F
         )
     from peft import PeftModel
 
-    base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = base_of_adapter(path)
     base = load_model(base_path, merge=True, trust_remote_code=trust_remote_code, dtype=dtype)
     model = PeftModel.from_pretrained(base, path)
     if merge and not model.peft_config["default"].is_prompt_learning:
@@ -56,13 +54,11 @@ def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = F
     return model
 
 
-def rel(path: str | Path) -> str:
-    """Path relative to the repo root when inside it (for adapter configs and model cards)."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(p)
+def base_of_adapter(adapter_dir: str | Path) -> str:
+    """The model an adapter was trained on: a path relative to the adapter folder, or a hub id."""
+    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    local = Path(adapter_dir) / base
+    return str(local.resolve()) if not Path(base).is_absolute() and local.exists() else base
 
 
 def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
@@ -149,7 +145,11 @@ def save_model(model, tokenizer, out_dir: str | Path, base_path: str | Path) -> 
     """Save safetensors: the adapter only for PEFT models (pointing at `base_path`), else all weights."""
     out_dir = Path(out_dir)
     if hasattr(model, "peft_config"):
-        model.peft_config["default"].base_model_name_or_path = rel(base_path)
+        # Relative to the adapter's own folder (out_dir is a sibling-renamed temp dir of the final one),
+        # so the chain resolves from any working directory and in any clone.
+        local = Path(base_path).exists()
+        base = os.path.relpath(Path(base_path).resolve(), out_dir.resolve()) if local else str(base_path)
+        model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from stages.common import REPO_ROOT, digest, git_commit, is_main_process
+from stages.common import digest, git_commit, is_main_process
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -106,8 +106,8 @@ def stage_run(stage: str, cfg, inputs: dict[str, str | Path] | None = None) -> I
     experiment = mlflow.set_experiment(cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     commit = git_commit()
-    lifecycle = lifecycle_id(REPO_ROOT / "params.yaml")
-    parent = _parent_run(client, experiment.experiment_id, lifecycle, commit, _read_params(REPO_ROOT / "params.yaml"))
+    lifecycle = lifecycle_id("params.yaml")
+    parent = _parent_run(client, experiment.experiment_id, lifecycle, commit, _read_params(Path("params.yaml")))
     tags = {
         "dvc_stage": stage, "git_commit": commit, "lifecycle": lifecycle, "kind": "stage",
         "mlflow.parentRunId": parent,
