@@ -2,6 +2,9 @@
 
 Suites (from prepare): held-out corpus perplexity, exact match on instruction tasks, final-answer
 accuracy on chain-of-thought problems, refusal rate on harmful prompts and over-refusal on benign ones.
+Preference (the held-out preference prompts, judged by the trained reward model): each model's mean
+reward, its win rate against the `reference` model (ties count half) and its KL to the reference
+along its own answers.
 Writes metrics/evaluate.json (dvc metrics), plots/evaluate.csv (dvc plots) and reports/evaluate.md
 (the table plus sample generations).
 """
@@ -12,14 +15,18 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from stages.common import read_jsonl, set_seed, set_threads, write_json
-from stages.config import TrackingConfig, cli
+from stages.config import ConfigError, TrackingConfig, cli
 from stages.models import load_model, load_tokenizer
+from stages.reward import load_reward_model, reward_scores
 from stages.scoring import exact_match, final_answer, generate, is_refusal, perplexity
 from stages.tracking import log_stage_metrics, stage_run
 
 SUITES = ("instruction", "cot", "harmful", "benign")
-COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", "params")
+PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
+COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", *PREFERENCE, "params")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,13 @@ class EvaluateConfig:
     samples_per_suite: int  # generations shown in the report
     report: str
     plot: str
+    reward_model: str  # judges every model's answers to the held-out preference prompts
+    reference: str  # the name in `models` that win rate and KL are measured against
+
+    def __post_init__(self):
+        if self.reference not in self.models:
+            raise ConfigError(f"[evaluate.reference] {self.reference!r} is not one of evaluate.models "
+                              f"({', '.join(self.models)})")
 
 
 def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg: EvaluateConfig,
@@ -62,15 +76,86 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
     return scores, samples
 
 
-def write_report(path: str, table: dict[str, dict], samples: dict[str, list]) -> None:
+class Judge:
+    """The reward model and the reference's answers and rewards on the held-out preference prompts."""
+
+    def __init__(self, cfg: EvaluateConfig, prompts: list[list[dict]]):
+        self.cfg, self.prompts = cfg, prompts
+        self.reward, self.reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
+        path = cfg.models[cfg.reference]
+        self.ref, self.ref_tokenizer = load_model(path), load_tokenizer(path)
+        self.ref_answers = generate(self.ref, self.ref_tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        self.ref_rewards = self.score(self.ref_answers)
+
+    def score(self, answers: list[str]) -> list[float]:
+        return reward_scores(self.reward, self.reward_tokenizer, self.prompts, answers, self.cfg.batch_size)
+
+    def __call__(self, model, tokenizer) -> tuple[dict, list[str]]:
+        """reward_score, win_rate and kl_to_ref of one model, and its answers."""
+        answers = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
+        rewards = self.score(answers)
+        same_vocab = tokenizer.get_vocab() == self.ref_tokenizer.get_vocab()
+        return {
+            "reward_score": sum(rewards) / len(rewards),
+            "win_rate": win_rate(rewards, self.ref_rewards),
+            "kl_to_ref": kl_along(model, self.ref, tokenizer, self.prompts, answers, self.cfg.batch_size)
+            if same_vocab else None,
+        }, answers
+
+
+def win_rate(scores: list[float], against: list[float]) -> float:
+    """Share of prompts where `scores` beats `against`; a tie counts half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
+
+
+@torch.no_grad()
+def kl_along(model, ref, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int) -> float:
+    """Mean over prompts of KL(model || ref) summed over the answer's tokens (nats per answer).
+
+    At every position of the model's own answer the full next-token distributions are compared, so this is
+    the exact per-token KL along the model's trajectory rather than a sampled estimate.
+    """
+    model.eval()
+    ref.eval()
+    total = 0.0
+    for i in range(0, len(prompts), batch_size):
+        heads = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[i : i + batch_size]]
+        head_ids = [tokenizer(h, add_special_tokens=False)["input_ids"] for h in heads]
+        full_ids = [h + tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                    for h, a in zip(head_ids, answers[i : i + batch_size])]
+        width = max(map(len, full_ids))
+        ids = torch.full((len(full_ids), width), tokenizer.pad_token_id)
+        attention = torch.zeros_like(ids)
+        scored = torch.zeros(len(full_ids), width - 1)  # position t predicts token t + 1
+        for j, (h, f) in enumerate(zip(head_ids, full_ids)):
+            ids[j, : len(f)], attention[j, : len(f)] = torch.tensor(f), 1
+            scored[j, len(h) - 1 : len(f) - 1] = 1
+        ids, attention = ids.to(model.device), attention.to(model.device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        logq = torch.log_softmax(ref(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        total += (kl.cpu() * scored).sum().item()
+    return total / len(prompts)
+
+
+def write_report(path: str, table: dict[str, dict], samples: dict[str, list], reference: str = "",
+                 judged: dict[str, list] | None = None) -> None:
     lines = ["# Evaluation", "", "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in table.items():
-        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else "n/a" if row[c] is None else str(row[c])
+                 for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if reference:
+        lines += ["", f"reward_score: mean reward-model score of the model's answers to the held-out preference "
+                  f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half); "
+                  f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats)."]
     lines += ["", "## Sample generations", "", "| model | suite | prompt | generation | reference |", "|---|---|---|---|---|"]
     esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
     for name, rows in samples.items():
         lines += [f"| {name} | {s} | {esc(p)} | {esc(g)} | {esc(a)} |" for s, p, g, a in rows]
+    for name, rows in (judged or {}).items():
+        lines += [f"| {name} | preference | {esc(p)} | {esc(g)} | reward {r:.2f} |" for p, g, r in rows]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -90,14 +175,22 @@ def run(cfg: EvaluateConfig) -> dict:
     data = Path(cfg.data_dir)
     suites = {s: read_jsonl(data / f"eval_{s}.jsonl")[: cfg.max_per_suite] for s in SUITES}
     corpus = [r["text"] for r in read_jsonl(data / "corpus_eval.jsonl")]
-    table, samples = {}, {}
-    with stage_run("evaluate", cfg, inputs={"data": cfg.data_dir, **cfg.models}):
+    preference_prompts = [r["prompt"] for r in read_jsonl(data / "preference_eval.jsonl")[: cfg.max_per_suite]]
+    table, samples, judged = {}, {}, {}
+    with stage_run("evaluate", cfg, inputs={"data": cfg.data_dir, "reward_model": cfg.reward_model, **cfg.models}):
+        judge = Judge(cfg, preference_prompts)
         for name, path in cfg.models.items():
             model, tokenizer = load_model(path), load_tokenizer(path)
             table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg)
-            print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in table[name].items()), flush=True)
+            preference, answers = judge(model, tokenizer)
+            table[name] = {**table[name], **preference}
+            n = min(cfg.samples_per_suite, len(answers))
+            judged[name] = list(zip([p[-1]["content"] for p in preference_prompts[:n]], answers[:n],
+                                    judge.score(answers[:n])))
+            print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in table[name].items()
+                                                      if v is not None), flush=True)
             log_stage_metrics(table[name], prefix=f"{name}.")
-        write_report(cfg.report, table, samples)
+        write_report(cfg.report, table, samples, cfg.reference, judged)
         write_plot(cfg.plot, table)
         import mlflow
 

@@ -1,0 +1,222 @@
+"""align: preference optimisation of the sft model with TRL, `method` picking the algorithm.
+
+  dpo  (default) DPOTrainer on preference pairs          kto   KTOTrainer (pairs unpaired into good/bad)
+  orpo           trl.experimental ORPOTrainer (no reference model)
+  grpo / rloo    online RL (TRL 1.x has no PPOTrainer): sampled completions scored by the trained reward
+                 model (models/reward) plus, where a prompt has a checkable answer, an exact-answer reward;
+                 KL to the reference weighted by `beta`
+
+The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter
+into the weights first, so with a PEFT method the reference is those weights with the new adapter off
+(TRL's `disable_adapter`; no second copy in memory) and the saved adapter chains onto models/sft; with
+full training TRL builds its reference from the folder named in the policy's config, which we point at
+the sft weights (merged into the checkpoint dir when sft is an adapter), never at an earlier stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from stages.common import atomic_dir, read_jsonl, set_seed, write_json
+from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
+from stages.models import (_resolve, apply_freeze, is_adapter_dir, load_for_training, load_tokenizer, peft_config,
+                           save_model, trainable_share)
+from stages.reward import load_reward_model, preference_rows, trl_pairs
+from stages.scoring import exact_match, final_answer
+from stages.tracking import log_model_dir, log_stage_metrics, stage_run
+from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+
+OFFLINE = ("dpo", "kto", "orpo")
+ONLINE = ("grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    num_generations: int  # completions sampled per prompt (the group the advantage is computed in)
+    max_completion_length: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    seed: int
+    tracking: TrackingConfig
+    method: Literal["dpo", "kto", "orpo", "grpo", "rloo"]
+    model: str  # policy start and reference
+    train_file: str  # preference pairs (dpo / kto / orpo), any layout the readers know
+    eval_file: str
+    prompts_files: list[str]  # grpo / rloo: JSONL rows with "prompt" (messages) and optional "answer"
+    reward_model: str  # grpo / rloo
+    verifiable_reward_weight: float  # grpo / rloo: weight of the exact-answer reward (0 = reward model only)
+    beta: float  # KL strength (dpo / kto / grpo / rloo); the odds-ratio weight for orpo
+    generation: GenerationConfig
+    adapter: AdapterConfig
+    train: TrainConfig
+    out_dir: str
+
+    def __post_init__(self):
+        if self.method in ONLINE:
+            g = self.generation
+            if g.num_generations < 2:
+                raise ConfigError(f"[align.generation.num_generations] must be >= 2 for {self.method}, "
+                                  f"got {g.num_generations}")
+            if (self.train.batch_size * self.train.grad_accum) % g.num_generations:
+                raise ConfigError(f"[align.train] batch_size * grad_accum ({self.train.batch_size} * "
+                                  f"{self.train.grad_accum}) must be a multiple of generation.num_generations "
+                                  f"({g.num_generations}) for {self.method}")
+        if self.beta < 0:
+            raise ConfigError(f"[align.beta] must be >= 0, got {self.beta}")
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def verifiable_reward(prompts, completions, answer, **_) -> list[float | None]:
+    """1 if the completion's final answer ('#### N', else the whole reply) is the known answer, 0 if not,
+    None for prompts without one (TRL then leaves this reward out for them)."""
+    out: list[float | None] = []
+    for completion, ans in zip(completions, answer):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        if ans is None:
+            out.append(None)
+        else:
+            final = final_answer(text)
+            out.append(float(final == ans if final is not None else exact_match(text, ans)))
+    return out
+
+
+def prompt_rows(paths: list[str]) -> list[dict]:
+    """{"prompt": messages, "answer": str | None} from every file, deduplicated by prompt, first kept."""
+    import json
+
+    seen, rows = set(), []
+    for path in paths:
+        for n, r in enumerate(read_jsonl(path), 1):
+            if not isinstance(r.get("prompt"), list) or not r["prompt"]:
+                raise ValueError(f"{path} line {n}: 'prompt' must be a non-empty message list, got {r.get('prompt')!r}")
+            key = json.dumps(r["prompt"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rows.append({"prompt": r["prompt"], "answer": r.get("answer")})
+    if not rows:
+        raise ValueError(f"{', '.join(paths)}: no prompts")
+    return rows
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def reference_dir(model_path: str, scratch: Path) -> str:
+    """A folder holding the full weights of `model_path`: itself, or its adapter chain merged into `scratch`."""
+    if not is_adapter_dir(_resolve(model_path)):
+        return _resolve(model_path)
+    from stages.models import load_model
+
+    if not (scratch / "model.safetensors").exists():
+        load_model(model_path).save_pretrained(scratch, safe_serialization=True)
+        load_tokenizer(model_path).save_pretrained(scratch)
+    return str(scratch)
+
+
+def load_data(cfg: AlignConfig) -> dict:
+    """The method's datasets, validated before anything is written (bad rows raise with file and row)."""
+    from datasets import Dataset
+
+    if cfg.method in OFFLINE:
+        return {"train_dataset": trl_pairs(preference_rows(cfg.train_file)),
+                "eval_dataset": trl_pairs(preference_rows(cfg.eval_file))}
+    return {"train_dataset": Dataset.from_list(prompt_rows(cfg.prompts_files))}
+
+
+def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
+    """The TRL trainer for `cfg.method` on `data`, its policy loaded from cfg.model (reference = that model)."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_for_training(cfg.model, cfg.adapter)
+    apply_freeze(model, cfg.adapter)
+    pc = peft_config(cfg.adapter)
+    if pc is None:  # full / freeze: TRL loads its reference from here, so it must be the sft weights
+        model.config._name_or_path = reference_dir(cfg.model, ckpt_dir / "reference")
+    common = dict(max_length=cfg.train.max_length, per_device_eval_batch_size=cfg.train.batch_size, beta=cfg.beta)
+    if cfg.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = trainer_args(DPOConfig, cfg.train, ckpt_dir, cfg.seed, **common)
+        return DPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=pc, **data)
+    if cfg.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = trainer_args(KTOConfig, cfg.train, ckpt_dir, cfg.seed, **common)
+        return KTOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=pc, **data)
+    if cfg.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = trainer_args(ORPOConfig, cfg.train, ckpt_dir, cfg.seed, **common)
+        return ORPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=pc, **data)
+    return _online_trainer(cfg, ckpt_dir, model, tokenizer, pc, data)
+
+
+def _online_trainer(cfg: AlignConfig, ckpt_dir: Path, model, tokenizer, pc, data: dict):
+    if cfg.method == "grpo":
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+    reward_funcs, weights = [load_reward_model(cfg.reward_model)], [1.0]
+    reward_tokenizers = [load_tokenizer(cfg.reward_model)]
+    if cfg.verifiable_reward_weight > 0:
+        reward_funcs.append(verifiable_reward)
+        reward_tokenizers.append(None)
+        weights.append(cfg.verifiable_reward_weight)
+    g = cfg.generation
+    args = trainer_args(
+        Config, cfg.train, ckpt_dir, cfg.seed, beta=cfg.beta, num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length, temperature=g.temperature, reward_weights=weights,
+    )
+    return Trainer(model=model, reward_funcs=reward_funcs, args=args, processing_class=tokenizer,
+                   reward_processing_classes=reward_tokenizers, peft_config=pc, **data)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def logged(trainer, key: str) -> tuple[float | None, float | None]:
+    """First and last logged value of a training metric."""
+    values = [h[key] for h in trainer.state.log_history if key in h and "eval_loss" not in h]
+    return (values[0], values[-1]) if values else (None, None)
+
+
+TRACKED = {"dpo": ["loss", "rewards/margins", "rewards/accuracies"], "kto": ["loss", "kl"],
+           "orpo": ["loss", "rewards/margins", "rewards/accuracies", "log_odds_ratio"],
+           "grpo": ["reward", "kl"], "rloo": ["reward", "kl"]}  # first and last logged value go into the metrics
+
+
+def run(cfg: AlignConfig) -> dict:
+    set_seed(cfg.seed)
+    if cfg.method in OFFLINE:
+        inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
+    else:
+        inputs = {"model": cfg.model, "reward_model": cfg.reward_model,
+                  **{f"prompts{i}": p for i, p in enumerate(cfg.prompts_files)}}
+    data = load_data(cfg)
+    ckpt_dir, resume = prepare_checkpoints("align", fingerprint(cfg, inputs))
+    with stage_run("align", cfg, inputs=inputs):
+        trainer = build_trainer(cfg, ckpt_dir, data)
+        result = train_with_resume(trainer, resume)
+        metrics = {"method": cfg.method, "adapter": cfg.adapter.method, **result, **trainable_share(trainer.model)}
+        for key in TRACKED[cfg.method]:
+            metrics[f"train_{key}_first"], metrics[f"train_{key}_last"] = logged(trainer, key)
+        if cfg.method in OFFLINE:
+            metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "runtime" not in k
+                            and "per_second" not in k})
+        with atomic_dir(cfg.out_dir) as tmp:
+            save_model(trainer.model, trainer.processing_class, tmp, base_path=cfg.model)
+        log_stage_metrics(metrics)
+        log_model_dir(cfg.out_dir, cfg)
+    write_json("metrics/align.json", metrics)
+    clear_checkpoints("align")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli("align", AlignConfig, run)

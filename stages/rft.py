@@ -1,0 +1,145 @@
+"""rft: rejection-sampling fine-tuning on the prompts whose answers can be checked exactly.
+
+1. take the chain-of-thought prompts of the SFT training data (completion ends in '#### <answer>');
+2. sample `num_samples` completions per prompt from the sft model (temperature sampling);
+3. keep the completions whose final answer is right (each distinct one once);
+4. fine-tune the sft model on them with TRL's SFTTrainer (loss on the completion).
+Metrics: kept share, and held-out chain-of-thought accuracy (greedy) before and after.
+If no sample is right, nothing can be trained: models/rft is the sft model unchanged (trained: false).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.common import atomic_dir, read_jsonl, set_seed, write_json
+from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
+from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
+from stages.scoring import final_answer, generate
+from stages.tracking import log_model_dir, log_stage_metrics, stage_run
+from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+
+
+@dataclass(frozen=True)
+class RFTConfig:
+    seed: int
+    tracking: TrackingConfig
+    model: str  # the sampler and the starting point
+    train_file: str  # prompt-completion rows; those whose completion has a '#### N' answer are used
+    eval_file: str  # {"prompt", "answer"} held out: accuracy before / after
+    max_prompts: int
+    num_samples: int  # k completions per prompt
+    temperature: float
+    max_new_tokens: int
+    batch_size: int  # prompts per generation batch
+    max_eval: int
+    adapter: AdapterConfig
+    train: TrainConfig
+    out_dir: str
+
+    def __post_init__(self):
+        for key in ("max_prompts", "num_samples", "max_new_tokens", "batch_size", "max_eval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"[rft.{key}] must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"[rft.temperature] must be > 0 (sampling), got {self.temperature}")
+
+
+def checkable(path: str, limit: int) -> list[dict]:
+    """{"prompt", "answer"} for the rows whose completion carries a final answer, first `limit` distinct prompts."""
+    seen, rows = set(), []
+    for r in read_jsonl(path):
+        answer = final_answer(r["completion"][-1]["content"])
+        key = str(r["prompt"])
+        if answer is not None and key not in seen:
+            seen.add(key)
+            rows.append({"prompt": r["prompt"], "answer": answer})
+    if not rows:
+        raise ValueError(f"{path}: no row has a completion with a '#### <answer>' final answer to check")
+    return rows[:limit]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
+           batch_size: int) -> list[list[str]]:
+    """k sampled completions per chat prompt."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[i : i + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        ids = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             num_return_sequences=k, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        flat = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [[t.strip() for t in flat[j : j + k]] for j in range(0, len(flat), k)]
+    return out
+
+
+def accuracy(model, tokenizer, rows: list[dict], cfg: RFTConfig) -> float:
+    gens = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
+    return sum(final_answer(g) == r["answer"] for g, r in zip(gens, rows)) / len(rows)
+
+
+def keep_correct(rows: list[dict], samples: list[list[str]]) -> list[dict]:
+    """Prompt-completion rows for each distinct verified-correct sample."""
+    kept = []
+    for row, completions in zip(rows, samples):
+        for text in dict.fromkeys(completions):
+            if final_answer(text) == row["answer"]:
+                kept.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": text}]})
+    return kept
+
+
+def run(cfg: RFTConfig) -> dict:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(cfg.seed)
+    prompts = checkable(cfg.train_file, cfg.max_prompts)
+    held_out = read_jsonl(cfg.eval_file)[: cfg.max_eval]
+    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
+    ckpt_dir, resume = prepare_checkpoints("rft", fingerprint(cfg, inputs))
+    with stage_run("rft", cfg, inputs=inputs):
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_for_training(cfg.model, cfg.adapter)
+        acc_before = accuracy(model, tokenizer, held_out, cfg)
+        samples = sample(model, tokenizer, [r["prompt"] for r in prompts], cfg.num_samples, cfg.temperature,
+                         cfg.max_new_tokens, cfg.batch_size)
+        right = sum(final_answer(t) == r["answer"] for r, s in zip(prompts, samples) for t in s)
+        kept = keep_correct(prompts, samples)
+        metrics = {"prompts": len(prompts), "samples": len(prompts) * cfg.num_samples, "correct": right,
+                   "kept_share": right / (len(prompts) * cfg.num_samples), "kept_distinct": len(kept),
+                   "prompts_solved": sum(any(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)),
+                   "accuracy_before": acc_before, "trained": bool(kept), "method": cfg.adapter.method}
+        if kept:
+            apply_freeze(model, cfg.adapter)
+            if (pc := peft_config(cfg.adapter)) is not None:
+                model = get_peft_model(model, pc)
+            args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+                                completion_only_loss=True)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(kept),
+                                 processing_class=tokenizer)
+            metrics.update(train_with_resume(trainer, resume), **trainable_share(trainer.model))
+            model = trainer.model
+        else:
+            print(f"[rft] no sampled completion of {len(prompts)} prompts was right: {cfg.out_dir} is "
+                  f"{cfg.model} unchanged", flush=True)
+        metrics["accuracy_after"] = accuracy(model, tokenizer, held_out, cfg)
+        metrics["accuracy_change"] = metrics["accuracy_after"] - acc_before
+        with atomic_dir(cfg.out_dir) as tmp:
+            save_model(model, tokenizer, tmp, base_path=cfg.model)
+        log_stage_metrics(metrics)
+        log_model_dir(cfg.out_dir, cfg)
+    write_json("metrics/rft.json", metrics)
+    clear_checkpoints("rft")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli("rft", RFTConfig, run)
