@@ -96,12 +96,12 @@ def dvc_stages(root: Path) -> dict[str, dict]:
 
     with Repo(str(root)) as repo:
         stages = list(repo.index.stages)
-        position = {s.addressing: i for i, s in enumerate(stages)}
+        position = {s.name: i for i, s in enumerate(stages)}
         upstream_first = repo.index.graph.reverse(copy=True)  # DVC's edges point from a stage to what it needs
-        order = nx.lexicographical_topological_sort(upstream_first, key=lambda s: position[s.addressing])
+        order = nx.lexicographical_topological_sort(upstream_first, key=lambda s: position[s.name])
         return {
-            s.addressing: {
-                "upstream": sorted(d.addressing for d in nx.descendants(repo.index.graph, s)),
+            s.name: {
+                "upstream": sorted(d.name for d in nx.descendants(repo.index.graph, s)),
                 "metrics": [o.def_path for o in s.outs if o.metric],
                 "uncached": [o.def_path for o in s.outs if not o.use_cache],
                 "reports": [o.def_path for o in s.outs if o.def_path.endswith(".md")],
@@ -252,19 +252,22 @@ def run_stage(root: Path, stage: str, single_item: bool, env: dict[str, str], ap
     return {"stage": stage, "ran": ran, "seconds": round(seconds, 1)}
 
 
-@task(cache_policy=NO_CACHE)
-def save_experiment(root: Path, name: str, include: list[str], message: str) -> str:
-    """`dvc exp save`: record the workspace (params, dvc.lock, metrics) as experiment `name`."""
+@task(cache_policy=NO_CACHE, task_run_name="save-experiment")
+def save_experiment(root: Path, name: str, stages: list[str], include: list[str], message: str) -> str:
+    """`dvc exp save <stages>`: record the workspace (params, dvc.lock, metrics) as experiment `name`.
+
+    Only the stages this run covered are committed: another stage may never have run (no outputs yet).
+    """
     logger = get_run_logger()
     present = [p for p in include if (root / p).exists()]
-    args = ["exp", "save", "--name", name, "--message", message, *[a for p in present for a in ("-I", p)]]
+    args = ["exp", "save", "--name", name, "--message", message, *[a for p in present for a in ("-I", p)], *stages]
     rc, tail = stream(dvc_command(*args), root, dict(os.environ), lambda line: logger.info("exp save | %s", line))
     if rc != 0:
         raise StageFailed(f"dvc exp save failed (exit {rc}):\n" + "\n".join(tail))
     return name
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="report")
 def report(root: Path, stages: dict[str, dict], results: list[dict], tracking: TrackingConfig, parent: str,
            experiment: str, overrides: list[str], ui: str) -> str:
     """Metrics files onto the MLflow parent run; a Prefect artifact with the report tables and the MLflow runs."""
@@ -350,8 +353,8 @@ def _run(targets: list[str], single_item: bool, overrides: dict[str, Any], exper
                 logger.info("[%d/%d] %s %s in %.1fs", i, len(todo), stage, "ran" if result["ran"] else "cached",
                             result["seconds"])
                 results.append(result)
-            include = [p for s in stages.values() for p in s["uncached"]]
-            save_experiment(root, name, include, f"Prefect flow run {holder['flow_run']}: {set_param_args(overrides)}")
+            include = [p for s in todo for p in stages[s]["uncached"]]
+            save_experiment(root, name, todo, include, f"Prefect flow run {holder['flow_run']}: {set_param_args(overrides)}")
             report(root, stages, results, tracking, parent, name, set_param_args(overrides), cfg.mlflow_ui)
             _terminate(tracking, parent, "FINISHED")
             return {"experiment": name, "mlflow_parent_run": parent, "stages": results}
