@@ -43,6 +43,24 @@ class DistillError(ValueError):
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    seed: int
+    tracking: TrackingConfig
+    teacher: str  # model folder of any stage (merged or adapter) or a Hugging Face id / path
+    method: Literal["sequence", "logits"]
+    prompt_files: list[str]  # JSONL with a "prompt" (messages) column; held-out eval prompts are dropped
+    max_prompts: int  # cap on the distillation prompts (first ones after dedupe)
+    max_new_tokens: int  # length of the teacher's answers and of the student's on-policy samples
+    gen_batch_size: int  # batch size of the teacher's answer generation
+    student: StudentConfig
+    logits: LogitsConfig
+    train: TrainConfig
+    eval: SuiteConfig
+    report: str
+    out_dir: str
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     source: str  # "tiny": build from `tiny` with the teacher's tokenizer; else a Hugging Face id or local path
     init: Literal["random", "teacher"]  # tiny only: teacher = copy embeddings, final norm, evenly spaced layers
@@ -68,39 +86,23 @@ class SuiteConfig:
     speed_rounds: int  # alternating timed rounds; the median is reported
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    seed: int
-    tracking: TrackingConfig
-    teacher: str  # model folder of any stage (merged or adapter) or a Hugging Face id / path
-    method: Literal["sequence", "logits"]
-    prompt_files: list[str]  # JSONL with a "prompt" (messages) column; held-out eval prompts are dropped
-    max_prompts: int  # cap on the distillation prompts (first ones after dedupe)
-    max_new_tokens: int  # length of the teacher's answers and of the student's on-policy samples
-    gen_batch_size: int  # batch size of the teacher's answer generation
-    student: StudentConfig
-    logits: LogitsConfig
-    train: TrainConfig
-    eval: SuiteConfig
-    report: str
-    out_dir: str
-
-
 # ---------------------------------------------------------------- inputs
 
 
 def check_teacher(path: str) -> None:
+    """A local folder must exist; anything else must resolve as a Hugging Face id."""
     if Path(path).exists():
         return
+    missing = DistillError(f"distill.teacher '{path}' not found: run the stage that writes it "
+                           "(e.g. `dvc repro align`) or point distill.teacher at an existing model")
+    if path.startswith((".", "/")) or Path(Path(path).parts[0]).is_dir():  # a local path, e.g. models/align
+        raise missing
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(path)
-    except Exception as e:  # not a local folder, nor a Hugging Face id available here
-        raise DistillError(
-            f"distill.teacher '{path}' not found: run the stage that writes it (e.g. `dvc repro align`) "
-            f"or point distill.teacher at an existing model ({type(e).__name__})"
-        ) from None
+    except Exception:  # not an id the hub (or its cache) knows
+        raise missing from None
 
 
 def _key(messages: list[dict]) -> str:
@@ -355,13 +357,20 @@ def run(cfg: DistillConfig) -> dict:
     set_seed(cfg.seed)
     inputs = {"teacher": cfg.teacher, **{Path(f).stem: f for f in cfg.prompt_files}}
     ckpt_dir, resume = prepare_checkpoints("distill", fingerprint(cfg, inputs))
+    answers = ckpt_dir / "teacher_answers.jsonl"
+    if cfg.method == "logits" and cfg.logits.on_policy_share >= 1.0:
+        rows = [{"prompt": p} for p in prompts]  # fully on-policy: the student writes every completion
+    else:
+        try:
+            rows = teacher_answers(cfg, teacher, t_tok, prompts, answers)
+        except DistillError:
+            if resume is None:
+                clear_checkpoints("distill")
+            raise
+        print(f"[distill] teacher answered {len(rows)} of {len(prompts)} prompts", flush=True)
     with stage_run("distill", cfg, inputs=inputs):
-        if cfg.method == "logits" and cfg.logits.on_policy_share >= 1.0:
-            rows = [{"prompt": p} for p in prompts]  # fully on-policy: the student writes every completion
-        else:
-            rows = teacher_answers(cfg, teacher, t_tok, prompts, ckpt_dir / "teacher_answers.jsonl")
-            print(f"[distill] teacher answered {len(rows)} of {len(prompts)} prompts", flush=True)
-            mlflow.log_artifact(str(ckpt_dir / "teacher_answers.jsonl"))
+        if answers.exists():
+            mlflow.log_artifact(str(answers))
         if cfg.method == "sequence":
             trainer = _sequence_trainer(cfg, student, s_tok, rows, ckpt_dir)
         else:

@@ -31,19 +31,6 @@ class ExportError(ValueError):
 
 
 @dataclass(frozen=True)
-class CardConfig:
-    license: str
-    language: list[str]
-    tags: list[str]
-
-
-@dataclass(frozen=True)
-class RegistryConfig:
-    name: str  # registered model name in MLflow; each export adds a version
-    alias: str  # moved to the new version (e.g. candidate)
-
-
-@dataclass(frozen=True)
 class ExportConfig:
     seed: int
     tracking: TrackingConfig
@@ -55,6 +42,19 @@ class ExportConfig:
     card: CardConfig
     registry: RegistryConfig
     out_dir: str
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    license: str
+    language: list[str]
+    tags: list[str]
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    name: str  # registered model name in MLflow; each export adds a version
+    alias: str  # moved to the new version (e.g. candidate)
 
 
 # ---------------------------------------------------------------- lineage
