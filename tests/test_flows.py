@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_workdir, tiny_params
+from conftest import make_workdir
 
 DVC = [sys.executable, "-m", "dvc"]
 OVERRIDE = {"sft.train.max_steps": 4}  # the tiny settings have 6
