@@ -61,10 +61,10 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def chat(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout) -> list[dict]:
-    """Interactive loop; returns the conversation."""
+def chat(model, tokenizer, args, stdin, stdout) -> list[str]:
+    """Interactive loop; returns every answer given."""
     system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    messages, answers = list(system), []
     interactive = stdin.isatty()
     print("chat: /reset clears the conversation, /exit quits", file=stdout, flush=True)
     while True:
@@ -72,7 +72,7 @@ def chat(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout) -> list[dic
             print("you> ", end="", file=stdout, flush=True)
         line = stdin.readline()
         if not line or line.strip() == "/exit":
-            return messages
+            return answers
         text = line.rstrip("\n").replace("\\n", "\n")
         if text.strip() == "/reset":
             messages = list(system)
@@ -82,10 +82,13 @@ def chat(model, tokenizer, args, stdin=sys.stdin, stdout=sys.stdout) -> list[dic
         messages.append({"role": "user", "content": text})
         answer = reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, args.top_p)
         messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
         print(f"assistant> {answer}", file=stdout, flush=True)
 
 
-def main(argv: list[str] | None = None, stdin=sys.stdin, stdout=sys.stdout) -> list[str]:
+def main(argv: list[str] | None = None, stdin=None, stdout=None) -> list[str]:
+    """Run the command; returns the answers (also printed)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     parser = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="*", help="user messages, each answered on its own")
     parser.add_argument("--model", required=True, help="stage folder, HF id/path, or models:/<name>@<alias>")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None, stdin=sys.stdin, stdout=sys.stdout) -> l
     if tokenizer.chat_template is None:
         raise SystemExit(f"{args.model}: the tokenizer has no chat template")
     if args.chat:
-        return [m["content"] for m in chat(model, tokenizer, args, stdin, stdout) if m["role"] == "assistant"]
+        return chat(model, tokenizer, args, stdin, stdout)
     system = [{"role": "system", "content": args.system}] if args.system else []
     answers = []
     for prompt in args.prompts:
