@@ -416,9 +416,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="", help="DVC experiment name (default: the flow run's name)")
     args = parser.parse_args(argv)
     overrides = _parse_set(args.set_param)
-    if args.stage:
-        return stage(args.stage, overrides, args.name)
-    return lifecycle(overrides, args.targets, args.name)
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
+    from prefect.settings import temporary_settings
+
+    # With no PREFECT_API_URL, Prefect starts a temporary server; its first start creates the database,
+    # which took over the default 20 s on a busy 2-core machine. An explicit setting wins.
+    timeout = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {STARTUP_TIMEOUT: 120}
+    with temporary_settings(updates=timeout):
+        if args.stage:
+            return stage(args.stage, overrides, args.name)
+        return lifecycle(overrides, args.targets, args.name)
 
 
 if __name__ == "__main__":
