@@ -55,6 +55,12 @@ def command(cfg: LaunchConfig, stage: str, params: str, cuda: bool) -> tuple[lis
     return [*argv, *module], env
 
 
+def _cuda() -> bool:
+    import torch  # only when launching processes: a plain run does not pay torch's import twice
+
+    return torch.cuda.is_available()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"launch: no stage module stages/{args.stage}.py")
     try:
         cfg = load_config("launch", LaunchConfig, args.params)
-        import torch
-
-        cmd, env = command(cfg, args.stage, args.params, torch.cuda.is_available())
+        cmd, env = command(cfg, args.stage, args.params, cuda=bool(cfg.config) and _cuda())
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     print("[launch] " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
