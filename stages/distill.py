@@ -49,7 +49,7 @@ class DistillConfig:
     teacher: str  # model folder of any stage (merged or adapter) or a Hugging Face id / path
     method: Literal["sequence", "logits"]
     prompt_files: list[str]  # JSONL with a "prompt" (messages) column; held-out eval prompts are dropped
-    max_prompts: int  # cap on the distillation prompts (first ones after dedupe)
+    max_prompts: int  # cap on the distillation prompts (the first ones; repeats count)
     max_new_tokens: int  # length of the teacher's answers and of the student's on-policy samples
     gen_batch_size: int  # batch size of the teacher's answer generation
     student: StudentConfig
@@ -110,19 +110,21 @@ def _key(messages: list[dict]) -> str:
 
 
 def load_prompts(cfg: DistillConfig) -> list[list[dict]]:
-    """Distillation prompts: deduped, without any prompt held out in an evaluate suite, capped."""
+    """Distillation prompts, without any prompt held out in an evaluate suite, capped at max_prompts.
+
+    Repeats are kept: the SFT mixture repeats its scarcer kinds (refusals) to reach its ratios, and the
+    student should see them at those ratios too. The teacher answers each distinct prompt once.
+    """
     held_out = {_key(r["prompt"]) for s in SUITES if (p := Path(cfg.eval.data_dir) / f"eval_{s}.jsonl").exists()
                 for r in read_jsonl(p)}
-    seen, prompts = set(), []
+    prompts = []
     for f in cfg.prompt_files:
         if not Path(f).exists():
             raise DistillError(f"distill.prompt_files: {f} does not exist")
         for i, row in enumerate(read_jsonl(f)):
             if not isinstance(row.get("prompt"), list):
                 raise DistillError(f"{f} row {i}: expected a 'prompt' list of messages")
-            k = _key(row["prompt"])
-            if k not in seen and k not in held_out:
-                seen.add(k)
+            if _key(row["prompt"]) not in held_out:
                 prompts.append(row["prompt"])
     if not prompts:
         raise DistillError(
@@ -141,6 +143,8 @@ def build_student(cfg: DistillConfig, teacher, teacher_tok):
     if cfg.student.source == "tiny":
         set_seed(cfg.seed)
         student = build_tiny_model(cfg.student.tiny, teacher_tok)
+        if student.config.vocab_size != teacher.config.vocab_size:  # a teacher with padded embeddings
+            student.resize_token_embeddings(teacher.config.vocab_size)
         if cfg.student.init == "teacher":
             init_from_teacher(student, teacher)
         return student, teacher_tok
@@ -193,12 +197,15 @@ def init_from_teacher(student, teacher) -> None:
 
 
 def teacher_answers(cfg: DistillConfig, teacher, tokenizer, prompts, cache: Path) -> list[dict]:
-    """{"prompt", "completion"} rows of the teacher's greedy answers; cached next to the checkpoints."""
+    """{"prompt", "completion"} rows of the teacher's greedy answers (empty ones dropped), one per prompt;
+    each distinct prompt is generated once. Cached next to the checkpoints, so a resumed run reuses them."""
     if cache.exists():
         return read_jsonl(cache)
-    answers = generate(teacher, tokenizer, prompts, cfg.max_new_tokens, cfg.gen_batch_size)
-    rows = [{"prompt": p, "completion": [{"role": "assistant", "content": a}]}
-            for p, a in zip(prompts, answers) if a.strip()]
+    distinct = list({_key(p): p for p in prompts}.values())
+    answers = dict(zip(map(_key, distinct), generate(teacher, tokenizer, distinct, cfg.max_new_tokens,
+                                                      cfg.gen_batch_size)))
+    rows = [{"prompt": p, "completion": [{"role": "assistant", "content": answers[_key(p)]}]}
+            for p in prompts if answers[_key(p)].strip()]
     if not rows:
         raise DistillError(f"distill: the teacher {cfg.teacher} gave an empty answer to every prompt")
     write_jsonl(cache, rows)
@@ -379,7 +386,8 @@ def run(cfg: DistillConfig) -> dict:
         student = trainer.model
         print(f"[distill] trained: loss {result['train_loss']:.3f} in {result['train_wall_s']:.0f}s", flush=True)
         compared, samples = compare(cfg, teacher, t_tok, student, s_tok, initial)
-        metrics = {"method": cfg.method, "n_prompts": len(prompts), "n_train_rows": len(rows), **result, **compared}
+        metrics = {"method": cfg.method, "n_prompts": len(prompts), "n_distinct_prompts": len({_key(p) for p in prompts}),
+                   "n_train_rows": len(rows), **result, **compared}
         with atomic_dir(cfg.out_dir) as tmp:
             save_model(student, s_tok, tmp, base_path=cfg.out_dir)
         write_report(cfg.report, {"teacher": metrics["teacher"], "student": metrics["student"]}, samples)
