@@ -52,7 +52,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from stages.config import TrackingConfig, build, read_params
-from stages.tracking import flatten, lifecycle_run
+from stages.tracking import flatten, lifecycle_run, tracking_uri
 
 LOCK_FILE = Path(".dvc/tmp/lifecycle.lock")
 PROGRESS_EVERY_S = 5.0  # a progress bar redraws itself many times a second: log one state every few seconds
@@ -270,7 +270,8 @@ def save_experiment(root: Path, name: str, stages: list[str], include: list[str]
 @task(cache_policy=NO_CACHE, task_run_name="report")
 def report(root: Path, stages: dict[str, dict], results: list[dict], tracking: TrackingConfig, parent: str,
            experiment: str, overrides: list[str], ui: str) -> str:
-    """Metrics files onto the MLflow parent run; a Prefect artifact with the report tables and the MLflow runs."""
+    """This run's stages' metrics files onto the MLflow parent run; a Prefect artifact with their report
+    tables (a stage's markdown outputs) and the MLflow runs."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -278,7 +279,7 @@ def report(root: Path, stages: dict[str, dict], results: list[dict], tracking: T
     exp_id = client.get_run(parent).info.experiment_id
     now = int(time.time() * 1000)
     metrics = [Metric(f"{stage}.{k}", float(v), now, 0)
-               for stage, info in stages.items() for path in info["metrics"] if (root / path).exists()
+               for stage in (r["stage"] for r in results) for path in stages[stage]["metrics"] if (root / path).exists()
                for k, v in flatten(json.loads((root / path).read_text())).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
     client.log_batch(parent, metrics=metrics)
@@ -296,8 +297,8 @@ def report(root: Path, stages: dict[str, dict], results: list[dict], tracking: T
     for i, r in enumerate(results, 1):
         run = link(stage_runs[r["stage"]]) if r["stage"] in stage_runs else "-"
         lines.append(f"| {i} | {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | {run} |")
-    for stage, info in stages.items():
-        for path in info["reports"]:
+    for stage in (r["stage"] for r in results):
+        for path in stages[stage]["reports"]:
             if (root / path).exists():
                 lines += ["", f"## {path} ({stage})", "", _first_section(root / path)]
     markdown = "\n".join(lines) + "\n"
@@ -306,7 +307,7 @@ def report(root: Path, stages: dict[str, dict], results: list[dict], tracking: T
 
 
 def _first_section(path: Path) -> str:
-    """A report's title and first table: everything before its second heading."""
+    """A report's first section without its title: its table, everything before its second heading."""
     body = path.read_text().split("\n## ")[0]
     return "\n".join(body.splitlines()[1:]).strip()  # drop the report's own '# ' title
 
@@ -337,7 +338,7 @@ def _run(targets: list[str], single_item: bool, overrides: dict[str, Any], exper
             params = read_params(root / "params.yaml")
             cfg = orchestration_config(params)
             tracking = build(TrackingConfig, params["tracking"], "tracking")
-            tracking = dataclasses.replace(tracking, uri=_tracking_uri(tracking.uri))
+            tracking = dataclasses.replace(tracking, uri=tracking_uri(tracking.uri))
             commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
             parent = lifecycle_run(tracking, name, commit, params, tags={
                 "prefect.flow_run_id": holder["flow_run_id"], "prefect.flow_run_name": str(holder["flow_run"]),
@@ -366,12 +367,6 @@ def _run(targets: list[str], single_item: bool, overrides: dict[str, Any], exper
             if applied != original and (root / "params.yaml").read_text() == applied:
                 (root / "params.yaml").write_text(original)
                 logger.info("params.yaml restored; `dvc exp apply %s` brings this run's params and outputs back", name)
-
-
-def _tracking_uri(configured: str) -> str:
-    from stages.tracking import tracking_uri
-
-    return tracking_uri(configured)
 
 
 def _terminate(tracking: TrackingConfig, run_id: str, status: str) -> None:
