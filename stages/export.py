@@ -135,7 +135,8 @@ def model_card(cfg: ExportConfig, params: dict, chain: list[dict], table: dict, 
         for metric, kind in (("instruction_em", "exact_match"), ("cot_accuracy", "accuracy"),
                              ("refusal_rate", "refusal_rate"), ("perplexity", "perplexity")):
             if metric in scores:
-                evals.append(EvalResult(task_type="text-generation", dataset_type="local", dataset_name=f"held-out {metric}",
+                evals.append(EvalResult(task_type="text-generation", dataset_type="local",
+                                        dataset_name="llm-lifecycle held-out suites (stages/evaluate.py)",
                                         metric_type=kind, metric_name=metric, metric_value=scores[metric]))
     data = ModelCardData(
         language=cfg.card.language, license=cfg.card.license, library_name="transformers",
