@@ -6,6 +6,11 @@
                  model (models/reward) plus, where a prompt has a checkable answer, an exact-answer reward;
                  KL to the reference weighted by `beta`
 
+The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: for each prompt of
+train_file the model samples `generation.num_generations` replies, the trained reward model scores them and
+the best and worst become chosen and rejected (on-policy pairs ranked by the reward model, as in iterative /
+rejection-sampling DPO). Sampled pairs are cached in the checkpoint dir, so a resumed run trains on the same.
+
 The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter
 into the weights first, so with a PEFT method the reference is those weights with the new adapter off
 (TRL's `disable_adapter`; no second copy in memory) and the saved adapter chains onto models/sft; with
@@ -19,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json
+from stages.common import atomic_dir, read_jsonl, set_seed, write_json, write_jsonl
 from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
-from stages.models import (_resolve, apply_freeze, is_adapter_dir, load_for_training, load_tokenizer, peft_config,
-                           save_model, trainable_share)
-from stages.reward import load_reward_model, preference_rows, trl_pairs
-from stages.scoring import exact_match, final_answer
+from stages.models import (_resolve, apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer,
+                           peft_config, save_model, trainable_share)
+from stages.reward import load_reward_model, preference_rows, reward_scores, trl_pairs
+from stages.scoring import exact_match, final_answer, sample
 from stages.tracking import log_model_dir, log_stage_metrics, stage_run
 from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
@@ -34,9 +39,10 @@ ONLINE = ("grpo", "rloo")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    num_generations: int  # completions sampled per prompt (the group the advantage is computed in)
+    num_generations: int  # completions sampled per prompt (the group the advantage / the pair is drawn from)
     max_completion_length: int
     temperature: float
+    batch_size: int  # prompts per sampling batch (pairs: policy)
 
 
 @dataclass(frozen=True)
@@ -47,27 +53,33 @@ class AlignConfig:
     model: str  # policy start and reference
     train_file: str  # preference pairs (dpo / kto / orpo), any layout the readers know
     eval_file: str
+    pairs: Literal["data", "policy"]  # dpo / kto / orpo: train_file's pairs, or the model's samples ranked by reward
+    min_reward_gap: float  # pairs: policy: keep a prompt only if its best and worst sample differ by more
     prompts_files: list[str]  # grpo / rloo: JSONL rows with "prompt" (messages) and optional "answer"
-    reward_model: str  # grpo / rloo
-    verifiable_reward_weight: float  # grpo / rloo: weight of the exact-answer reward (0 = reward model only)
+    reward_model: str  # grpo / rloo, and dpo / kto / orpo with pairs: policy
+    verifiable_reward_weight: float  # grpo / rloo: exact-answer reward; policy pairs: bonus for matching chosen
     beta: float  # KL strength (dpo / kto / grpo / rloo); the odds-ratio weight for orpo
+    sft_weight: float  # dpo: weight of an SFT term (NLL of the chosen reply) added to the DPO loss (0 = pure DPO)
     generation: GenerationConfig
     adapter: AdapterConfig
     train: TrainConfig
     out_dir: str
 
     def __post_init__(self):
-        if self.method in ONLINE:
-            g = self.generation
+        g = self.generation
+        if self.method in ONLINE or self.pairs == "policy":
             if g.num_generations < 2:
-                raise ConfigError(f"[align.generation.num_generations] must be >= 2 for {self.method}, "
-                                  f"got {g.num_generations}")
+                raise ConfigError(f"[align.generation.num_generations] must be >= 2 for {self.method}"
+                                  f"{' with pairs: policy' if self.method in OFFLINE else ''}, got {g.num_generations}")
+        if self.method in ONLINE:
             if (self.train.batch_size * self.train.grad_accum) % g.num_generations:
                 raise ConfigError(f"[align.train] batch_size * grad_accum ({self.train.batch_size} * "
                                   f"{self.train.grad_accum}) must be a multiple of generation.num_generations "
                                   f"({g.num_generations}) for {self.method}")
         if self.beta < 0:
             raise ConfigError(f"[align.beta] must be >= 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"[align.sft_weight] must be >= 0, got {self.sft_weight}")
 
 
 # ---------------------------------------------------------------- rewards
@@ -112,8 +124,6 @@ def reference_dir(model_path: str, scratch: Path) -> str:
     """A folder holding the full weights of `model_path`: itself, or its adapter chain merged into `scratch`."""
     if not is_adapter_dir(_resolve(model_path)):
         return _resolve(model_path)
-    from stages.models import load_model
-
     if not (scratch / "model.safetensors").exists():
         load_model(model_path).save_pretrained(scratch, safe_serialization=True)
         load_tokenizer(model_path).save_pretrained(scratch)
@@ -121,17 +131,61 @@ def reference_dir(model_path: str, scratch: Path) -> str:
 
 
 def load_data(cfg: AlignConfig) -> dict:
-    """The method's datasets, validated before anything is written (bad rows raise with file and row)."""
-    from datasets import Dataset
-
+    """The method's rows, validated before anything is written (bad rows raise with file and row)."""
     if cfg.method in OFFLINE:
-        return {"train_dataset": trl_pairs(preference_rows(cfg.train_file)),
-                "eval_dataset": trl_pairs(preference_rows(cfg.eval_file))}
-    return {"train_dataset": Dataset.from_list(prompt_rows(cfg.prompts_files))}
+        return {"train": preference_rows(cfg.train_file), "eval": preference_rows(cfg.eval_file)}
+    return {"prompts": prompt_rows(cfg.prompts_files)}
+
+
+def matches(reply: str, reference: str) -> bool:
+    """A reply verified against a known-good one: the same '#### N' final answer, else the same text."""
+    final = final_answer(reference)
+    return final_answer(reply) == final if final is not None else exact_match(reply, reference)
+
+
+def policy_pairs(cfg: AlignConfig, rows: list[dict], cache: Path) -> tuple[list[dict], dict]:
+    """For each prompt of `rows`, the model's own samples ranked by the reward model plus
+    `verifiable_reward_weight` for a sample that matches the pair's chosen reply: (best, worst)."""
+    if cache.exists():
+        pairs = read_jsonl(cache)
+    else:
+        g = cfg.generation
+        prompts = [r["prompt"] for r in rows]
+        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+        samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
+                         g.batch_size)
+        del model
+        reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
+        scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
+                               [x for s in samples for x in s], g.batch_size)
+        pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
+        for i, (row, replies) in enumerate(zip(rows, samples)):
+            verified = [matches(x, row["chosen"]) for x in replies]
+            total = [r + w * v for r, v in zip(scores[i * k : (i + 1) * k], verified)]
+            ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
+            (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
+            if high - low > cfg.min_reward_gap and best and worst and best != worst:
+                pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
+                              "chosen_verified": best_verified})
+        if not pairs:
+            raise ValueError(f"pairs: policy: no prompt of {cfg.train_file} gave two samples whose rewards differ "
+                             f"by more than min_reward_gap={cfg.min_reward_gap}; lower it or sample more "
+                             "(generation.num_generations)")
+        write_jsonl(cache, pairs)
+    return pairs, {"policy_prompts": len(rows), "policy_pairs": len(pairs),
+                   "policy_pair_gap": sum(p["gap"] for p in pairs) / len(pairs),
+                   "policy_chosen_verified": sum(p["chosen_verified"] for p in pairs) / len(pairs)}
 
 
 def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
-    """The TRL trainer for `cfg.method` on `data`, its policy loaded from cfg.model (reference = that model)."""
+    """The TRL trainer for `cfg.method` on `data` (load_data's rows), its policy loaded from cfg.model,
+    which is also the reference."""
+    from datasets import Dataset
+
+    if cfg.method in OFFLINE:
+        data = {"train_dataset": trl_pairs(data["train"]), "eval_dataset": trl_pairs(data["eval"])}
+    else:
+        data = {"train_dataset": Dataset.from_list(data["prompts"])}
     tokenizer = load_tokenizer(cfg.model)
     model = load_for_training(cfg.model, cfg.adapter)
     apply_freeze(model, cfg.adapter)
@@ -142,7 +196,8 @@ def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = trainer_args(DPOConfig, cfg.train, ckpt_dir, cfg.seed, **common)
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
+        args = trainer_args(DPOConfig, cfg.train, ckpt_dir, cfg.seed, **common, **losses)
         return DPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=pc, **data)
     if cfg.method == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -198,12 +253,23 @@ def run(cfg: AlignConfig) -> dict:
     else:
         inputs = {"model": cfg.model, "reward_model": cfg.reward_model,
                   **{f"prompts{i}": p for i, p in enumerate(cfg.prompts_files)}}
+    if cfg.method in OFFLINE and cfg.pairs == "policy":
+        inputs["reward_model"] = cfg.reward_model
     data = load_data(cfg)
     ckpt_dir, resume = prepare_checkpoints("align", fingerprint(cfg, inputs))
     with stage_run("align", cfg, inputs=inputs):
+        pair_stats = {}
+        if cfg.method in OFFLINE and cfg.pairs == "policy":
+            try:
+                data["train"], pair_stats = policy_pairs(cfg, data["train"], ckpt_dir / "policy_pairs.jsonl")
+            except ValueError:
+                if resume is None:  # a fresh run leaves nothing behind
+                    clear_checkpoints("align")
+                raise
         trainer = build_trainer(cfg, ckpt_dir, data)
         result = train_with_resume(trainer, resume)
-        metrics = {"method": cfg.method, "adapter": cfg.adapter.method, **result, **trainable_share(trainer.model)}
+        metrics = {"method": cfg.method, "adapter": cfg.adapter.method, **pair_stats, **result,
+                   **trainable_share(trainer.model)}
         for key in TRACKED[cfg.method]:
             metrics[f"train_{key}_first"], metrics[f"train_{key}_last"] = logged(trainer, key)
         if cfg.method in OFFLINE:
@@ -219,4 +285,9 @@ def run(cfg: AlignConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli("align", AlignConfig, run)
+    from stages.readers import DataError
+
+    try:
+        cli("align", AlignConfig, run)
+    except DataError as e:  # bad preference pairs: file, row, column and check named; nothing written
+        raise SystemExit(f"data error: {e}")

@@ -88,10 +88,15 @@ class Judge:
         self.ref_rewards = self.score(self.ref_answers)
 
     def score(self, answers: list[str]) -> list[float]:
-        return reward_scores(self.reward, self.reward_tokenizer, self.prompts, answers, self.cfg.batch_size)
+        """Rewards of answers to the first len(answers) prompts."""
+        prompts = self.prompts[: len(answers)]
+        return reward_scores(self.reward, self.reward_tokenizer, prompts, answers, self.cfg.batch_size)
 
-    def __call__(self, model, tokenizer) -> tuple[dict, list[str]]:
+    def __call__(self, name: str, model, tokenizer) -> tuple[dict, list[str]]:
         """reward_score, win_rate and kl_to_ref of one model, and its answers."""
+        if name == self.cfg.reference:  # already generated and scored; KL to itself is 0
+            rewards = self.ref_rewards
+            return {"reward_score": sum(rewards) / len(rewards), "win_rate": 0.5, "kl_to_ref": 0.0}, self.ref_answers
         answers = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
         rewards = self.score(answers)
         same_vocab = tokenizer.get_vocab() == self.ref_tokenizer.get_vocab()
@@ -99,7 +104,7 @@ class Judge:
             "reward_score": sum(rewards) / len(rewards),
             "win_rate": win_rate(rewards, self.ref_rewards),
             "kl_to_ref": kl_along(model, self.ref, tokenizer, self.prompts, answers, self.cfg.batch_size)
-            if same_vocab else None,
+            if same_vocab else None,  # token-level KL needs one vocabulary
         }, answers
 
 
@@ -182,7 +187,7 @@ def run(cfg: EvaluateConfig) -> dict:
         for name, path in cfg.models.items():
             model, tokenizer = load_model(path), load_tokenizer(path)
             table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg)
-            preference, answers = judge(model, tokenizer)
+            preference, answers = judge(name, model, tokenizer)
             table[name] = {**table[name], **preference}
             n = min(cfg.samples_per_suite, len(answers))
             judged[name] = list(zip([p[-1]["content"] for p in preference_prompts[:n]], answers[:n],

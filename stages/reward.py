@@ -79,6 +79,8 @@ def load_reward_model(path: str | Path):
 @torch.no_grad()
 def reward_scores(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int) -> list[float]:
     """The reward of each (prompt messages, assistant reply), scored as TRL's trainers score it."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     model.eval()
     scores: list[float] = []
     for i in range(0, len(prompts), batch_size):
@@ -146,7 +148,9 @@ def run(cfg: RewardStageConfig) -> dict:
         trainer = RewardTrainer(model=model, args=args, train_dataset=trl_pairs(train_rows),
                                 processing_class=tokenizer)
         result = train_with_resume(trainer, resume)
-        after = pairwise(trainer.model, tokenizer, eval_rows, cfg.eval_batch_size)
+        # scored like `before` and like a reload of the saved model: without the trainer's mixed-precision wrapper
+        after = pairwise(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), tokenizer,
+                         eval_rows, cfg.eval_batch_size)
         metrics = {"eval_accuracy": after["accuracy"], "eval_margin": after["margin"],
                    "eval_accuracy_before": before["accuracy"], "eval_margin_before": before["margin"],
                    "eval_pairs": len(eval_rows), **result, **trainable_share(trainer.model),
@@ -161,4 +165,9 @@ def run(cfg: RewardStageConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli("reward", RewardStageConfig, run)
+    from stages.readers import DataError
+
+    try:
+        cli("reward", RewardStageConfig, run)
+    except DataError as e:  # bad preference pairs: file, row, column and check named; nothing written
+        raise SystemExit(f"data error: {e}")

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
 from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
 from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
-from stages.scoring import final_answer, generate
+from stages.scoring import final_answer, generate, sample
 from stages.tracking import log_model_dir, log_stage_metrics, stage_run
 from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
@@ -59,25 +57,6 @@ def checkable(path: str, limit: int) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no row has a completion with a '#### <answer>' final answer to check")
     return rows[:limit]
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
-           batch_size: int) -> list[list[str]]:
-    """k sampled completions per chat prompt."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    out: list[list[str]] = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        ids = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             num_return_sequences=k, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        flat = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        out += [[t.strip() for t in flat[j : j + k]] for j in range(0, len(flat), k)]
-    return out
 
 
 def accuracy(model, tokenizer, rows: list[dict], cfg: RFTConfig) -> float:

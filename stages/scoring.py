@@ -49,6 +49,25 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     return [o.strip() for o in outputs]
 
 
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
+           batch_size: int) -> list[list[str]]:
+    """k sampled completions (pure temperature sampling) per chat prompt, batched with left padding."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    out: list[list[str]] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[i : i + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        ids = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             num_return_sequences=k, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        flat = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [[t.strip() for t in flat[j : j + k]] for j in range(0, len(flat), k)]
+    return out
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 

@@ -33,7 +33,7 @@ TINY = {
     "sft": {"train": dict(_TRAIN, max_length=128)},
     "evaluate": {"max_per_suite": 6, "max_new_tokens": 8, "batch_size": 8, "num_threads": 1, "block_size": 32},
     "reward": {"eval_batch_size": 8, "train": dict(_TRAIN, max_length=128)},
-    "align": {"generation": {"num_generations": 2, "max_completion_length": 8},
+    "align": {"min_reward_gap": 0.0, "generation": {"num_generations": 2, "max_completion_length": 8},
               "train": dict(_TRAIN, max_length=128)},
     "rft": {"max_prompts": 8, "num_samples": 2, "max_new_tokens": 16, "batch_size": 8, "max_eval": 6,
             "train": dict(_TRAIN, max_length=128)},

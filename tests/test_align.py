@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import make_workdir, run_stage, tiny_params
 from stages.config import ConfigError, load_config
@@ -57,7 +58,8 @@ def trained(lifecycle, tmp_path_factory):
 # ---------------------------------------------------------------- every method, end to end
 
 FAST = {"max_steps": 16, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 4, "save_steps": 100}
-OFFLINE = {"train_file": "data/pairs.jsonl", "eval_file": "data/pairs.jsonl", "train": FAST}
+OFFLINE = {"train_file": "data/pairs.jsonl", "eval_file": "data/pairs.jsonl", "pairs": "data", "sft_weight": 0.0,
+           "train": FAST}
 ONLINE = {"train": dict(FAST, learning_rate=1e-2),
           "generation": {"num_generations": 4, "max_completion_length": 8, "temperature": 1.0}}
 
@@ -79,6 +81,33 @@ def test_each_method_trains_and_moves_its_metric(trained, tmp_path, method, key,
     assert (wd / "models/align/adapter_config.json").exists()
     if method == "dpo":
         assert metrics["eval_loss"] < math.log(2) and metrics["eval_rewards/accuracies"] > 0.5
+
+
+def test_policy_pairs_are_the_models_samples_ranked_by_the_reward_model(trained, tmp_path):
+    wd = workdir_from(trained, tmp_path / "wd", align={
+        "method": "dpo", "pairs": "policy", "train_file": "data/pairs.jsonl", "eval_file": "data/pairs.jsonl",
+        "generation": {"num_generations": 3, "max_completion_length": 8}, "train": {"max_steps": 2}})
+    metrics = run_stage("align", wd)
+    assert metrics["policy_prompts"] == 8 and 0 < metrics["policy_pairs"] <= 8 and metrics["policy_pair_gap"] > 0
+    assert metrics["train_loss"] > 0 and (wd / "models/align/adapter_config.json").exists()
+
+
+def test_policy_pairs_keep_only_prompts_the_reward_model_tells_apart(trained, tmp_path):
+    from stages.align import AlignConfig, policy_pairs
+    from stages.reward import preference_rows
+
+    wd = workdir_from(trained, tmp_path / "wd", align={"pairs": "policy", "min_reward_gap": 1e6})
+    cfg = load_config("align", AlignConfig, params=yaml.safe_load((wd / "params.yaml").read_text()))
+    rows = preference_rows(str(wd / "data/pairs.jsonl"))
+    old = os.getcwd()
+    os.chdir(wd)
+    try:
+        with pytest.raises(ValueError, match=r"pairs: policy: no prompt of data/processed/preference_train.jsonl "
+                                             r"gave two samples whose rewards differ by more than min_reward_gap"):
+            policy_pairs(cfg, rows, tmp_path / "pairs.jsonl")
+    finally:
+        os.chdir(old)
+    assert not (tmp_path / "pairs.jsonl").exists()  # nothing cached: a rerun with other settings starts clean
 
 
 # ---------------------------------------------------------------- the reference model
@@ -138,6 +167,7 @@ def test_lora_reference_is_the_sft_model_with_the_adapter_off_and_no_copy(lora_c
     assert not torch.allclose(want, logps(cpt, enc), atol=1e-3)  # sft's adapter matters: cpt is not sft
 
     trainer.train()
+    policy = trainer.accelerator.unwrap_model(policy, keep_fp32_wrapper=False)  # fp32 again, as sft was scored
     with use_adapter(policy, adapter_name=None):
         assert torch.allclose(logps(policy, enc), want, atol=1e-5)
     assert not torch.allclose(logps(policy, enc), want, atol=1e-3)  # and the policy itself did move
@@ -149,7 +179,9 @@ def test_full_reference_is_the_merged_sft_model(lora_chain, monkeypatch):
     trainer = trainer_for(lora_chain, monkeypatch, "full")
     enc = batch(load_tokenizer("models/sft"), Path("data/pairs.jsonl"))
     assert trainer.ref_model is not None
-    assert torch.allclose(logps(trainer.ref_model, enc), logps(load_model("models/sft"), enc), atol=1e-5)
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model, keep_fp32_wrapper=False)  # fp32, as sft is scored
+    assert torch.allclose(logps(ref, enc), logps(load_model("models/sft"), enc), atol=1e-5)
+    assert not torch.allclose(logps(ref, enc), logps(load_model("models/cpt"), enc), atol=1e-3)
 
 
 def test_align_stage_chains_its_adapter_onto_sft_without_touching_it(lora_chain, tmp_path):
@@ -200,3 +232,36 @@ def test_verifiable_reward():
                    [{"role": "assistant", "content": "anything"}]]
     assert verifiable_reward(prompts=[None] * 4, completions=completions, answer=["7", "7", "blue red", None]) == [
         1.0, 0.0, 1.0, None]
+
+
+# ---------------------------------------------------------------- evaluate: judged by the reward model
+
+
+def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
+    wd = workdir_from(trained, tmp_path / "wd", align={"method": "dpo", **OFFLINE})
+    params = yaml.safe_load((wd / "params.yaml").read_text())
+    params["evaluate"]["models"] = {"sft": "models/sft", "aligned": "models/align"}  # replaced, not merged
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("align", wd)
+    table = run_stage("evaluate", wd)
+    assert table["sft"]["win_rate"] == 0.5 and table["sft"]["kl_to_ref"] == 0.0
+    assert 0 <= table["aligned"]["win_rate"] <= 1 and table["aligned"]["kl_to_ref"] > 0
+    assert all(isinstance(table[m]["reward_score"], float) for m in table)
+    header = (wd / "plots/evaluate.csv").read_text().splitlines()[0]
+    assert "reward_score,win_rate,kl_to_ref" in header
+    assert "win_rate: share of those prompts where it beats sft's answer" in (wd / "reports/evaluate.md").read_text()
+
+
+def test_win_rate_counts_ties_half_and_kl_of_a_model_to_itself_is_zero(lifecycle):
+    from stages.evaluate import kl_along, win_rate
+    from stages.models import load_model, load_tokenizer
+
+    assert win_rate([1.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 1.0]) == 0.625
+    wd = lifecycle["workdir"]
+    tok, sft, cpt = load_tokenizer(wd / "models/sft"), load_model(wd / "models/sft"), load_model(wd / "models/cpt")
+    prompts = [[{"role": "user", "content": "What is 2 plus 3?"}], [{"role": "user", "content": "Hi"}]]
+    answers = ["5", "Hello there"]
+    assert kl_along(sft, sft, tok, prompts, answers, batch_size=2) == pytest.approx(0.0, abs=1e-6)
+    one_by_one = [kl_along(sft, cpt, tok, [p], [a], batch_size=1) for p, a in zip(prompts, answers)]
+    assert kl_along(sft, cpt, tok, prompts, answers, batch_size=2) == pytest.approx(sum(one_by_one) / 2, rel=1e-4)
+    assert min(one_by_one) > 0

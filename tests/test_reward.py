@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,9 +82,11 @@ BAD_PAIRS = [
 def test_bad_pairs_stop_the_stage_naming_file_and_row(lifecycle, tmp_path):
     wd = workdir_from(lifecycle, tmp_path / "wd", reward={"train_file": "data/bad.jsonl"})
     jsonl(wd / "data/bad.jsonl", BAD_PAIRS)
-    with pytest.raises(DataError) as e:
-        run_stage("reward", wd)
-    assert str(e.value).splitlines()[1:] == [
+    proc = subprocess.run([sys.executable, "-m", "stages.reward"], cwd=wd, capture_output=True, text=True,
+                          env=dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-4:] == [
+        "data error: 3 data problems:",
         "  data/bad.jsonl line 2, column 'chosen, rejected': check 'chosen_ne_rejected' failed (value '6')",
         "  data/bad.jsonl line 3, column 'chosen': check 'non_empty' failed (value '')",
         "  data/bad.jsonl line 4, column 'chosen, rejected': check 'shared_prompt' failed (the two transcripts "
