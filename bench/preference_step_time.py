@@ -1,6 +1,6 @@
 """Step time of preference training against SFT, side by side in one run, on the same model and data.
 
-    .venv/bin/python bench/preference_step_time.py                   # after `dvc repro` (needs models/sft, models/reward)
+    .venv/bin/python bench/preference_step_time.py          # after `dvc repro align` (models/sft, models/reward)
     .venv/bin/python bench/preference_step_time.py --steps 12 --online rloo
 
 SFT trains on prompt + chosen; DPO on prompt + chosen / rejected; the online method (GRPO or RLOO) samples
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         g = cfg.generation
         results[a.online] = timed(a.online, lambda: Trainer(
             model=policy(), processing_class=tokenizer, train_dataset=prompts, peft_config=peft_config(cfg.adapter),
-            reward_funcs=load_reward_model(cfg.reward_model), reward_processing_classes=load_tokenizer(cfg.reward_model),
+            reward_funcs=load_reward_model(cfg.reward_model),
+            reward_processing_classes=load_tokenizer(cfg.reward_model),
             args=args_for(Config, cfg, tmp, beta=cfg.beta, num_generations=g.num_generations,
                           max_completion_length=g.max_completion_length, temperature=g.temperature)), a.warmup)
 

@@ -90,11 +90,12 @@ def run(cfg: RFTConfig) -> dict:
         acc_before = accuracy(model, tokenizer, held_out, cfg)
         samples = sample(model, tokenizer, [r["prompt"] for r in prompts], cfg.num_samples, cfg.temperature,
                          cfg.max_new_tokens, cfg.batch_size)
-        right = sum(final_answer(t) == r["answer"] for r, s in zip(prompts, samples) for t in s)
+        right_by_prompt = [sum(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)]
+        right = sum(right_by_prompt)
         kept = keep_correct(prompts, samples)
         metrics = {"prompts": len(prompts), "samples": len(prompts) * cfg.num_samples, "correct": right,
                    "kept_share": right / (len(prompts) * cfg.num_samples), "kept_distinct": len(kept),
-                   "prompts_solved": sum(any(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)),
+                   "prompts_solved": sum(n > 0 for n in right_by_prompt),
                    "accuracy_before": acc_before, "trained": bool(kept), "method": cfg.adapter.method}
         if kept:
             apply_freeze(model, cfg.adapter)
