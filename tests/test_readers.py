@@ -182,11 +182,13 @@ def test_json_file_holding_json_lines(tmp_path):
 
 def test_sample_data_reads_clean(tmp_path, monkeypatch):
     """The embedded default's files (a small draw of stages.sample) each read in their expected layout."""
+    from stages.config import TrackingConfig
     from stages.sample import SampleConfig, run
 
     monkeypatch.chdir(tmp_path)
-    run(SampleConfig(seed=0, out_dir="raw", n_corpus_docs=5, n_instruction=20, n_refusal=5, n_cot=5,
-                     n_preference=10, n_prompts=5))
+    tracking = TrackingConfig(uri="", experiment="lifecycle", log_models=False)
+    run(SampleConfig(seed=0, tracking=tracking, out_dir="raw", n_corpus_docs=5, n_instruction=20, n_refusal=5,
+                     n_cot=5, n_preference=10, n_prompts=5))
     layouts = {(p, k): read_source(Path("raw") / p, k).layout for p, k in [
         ("corpus.jsonl", "corpus"), ("instructions_alpaca.json", "instruction"),
         ("instructions_sharegpt.jsonl", "instruction"), ("refusals.jsonl", "refusal"), ("cot.csv", "cot"),
