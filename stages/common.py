@@ -145,21 +145,62 @@ def set_threads(num_threads: int) -> None:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on a GPU that has it, else fp32. An explicit half precision needs a GPU."""
+    """'auto' -> bf16 (autocast over fp32 weights) on a GPU that has it or a CPU with native bf16, else fp32.
+
+    bf16 on such a CPU trains the lifecycle's models about 1.3-1.5x faster (bench/throughput.py); fp16 needs a GPU.
+    """
     import torch
 
     has_cuda = torch.cuda.is_available()
     if precision == "auto":
-        return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision in ("bf16", "fp16") and not has_cuda:
-        raise RuntimeError(
-            f"precision={precision} needs a CUDA GPU and none is visible; set precision: fp32 or auto"
-        )
+        if has_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "bf16" and not has_cuda and not cpu_has_bf16():
+        raise RuntimeError("precision=bf16 needs a CUDA GPU or a CPU with native bf16 (AVX512-BF16 / AMX) and "
+                           "neither is here; set precision: fp32 or auto")
+    if precision == "fp16" and not has_cuda:
+        raise RuntimeError("precision=fp16 needs a CUDA GPU and none is visible; set precision: fp32 or auto")
     return precision
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): bf16 autocast is then faster."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def reset_peak_memory() -> float:
+    """Start a new peak-memory window (what peak_memory_mb reports next); return the memory in use now, MiB.
+
+    CUDA: resets the allocator's peak; returns what is allocated. CPU (Linux): hands freed heap pages back to
+    the OS (malloc_trim) and resets the peak RSS (/proc/self/clear_refs); returns the RSS.
+    """
+    import ctypes
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not glibc / not Linux: the window stays the whole process
+        pass
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(l.split()[1]) for l in status if l.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def peak_memory_mb() -> float:
-    """CUDA max allocated if a GPU is in use, else this process's peak RSS."""
+    """CUDA max allocated if a GPU is in use, else this process's peak RSS (since the last reset_peak_memory)."""
     import resource
 
     import torch

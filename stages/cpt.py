@@ -27,10 +27,21 @@ class CPTConfig:
     out_dir: str
 
 
+def training_args(cfg: CPTConfig, output_dir):
+    """The SFTConfig this stage trains with (bench/throughput.py measures exactly these settings)."""
+    from trl import SFTConfig
+
+    return trainer_args(
+        SFTConfig, cfg.train, output_dir, cfg.seed,
+        dataset_text_field="text", max_length=cfg.train.max_length,
+        packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
+    )
+
+
 def run(cfg: CPTConfig) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     set_seed(cfg.seed)
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
@@ -45,12 +56,8 @@ def run(cfg: CPTConfig) -> dict:
         if (pc := peft_config(cfg.adapter)) is not None:
             model = get_peft_model(model, pc)
         train_ds = Dataset.from_list([{"text": r["text"]} for r in read_jsonl(cfg.train_file)])
-        args = trainer_args(
-            SFTConfig, cfg.train, ckpt_dir, cfg.seed,
-            dataset_text_field="text", max_length=cfg.train.max_length,
-            packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
+                             processing_class=tokenizer)
         result = train_with_resume(trainer, resume)
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
         metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,

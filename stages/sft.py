@@ -37,9 +37,20 @@ def _dataset(path: str):
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)])
 
 
+def training_args(cfg: SFTStageConfig, output_dir):
+    """The SFTConfig this stage trains with (bench/throughput.py measures exactly these settings)."""
+    from trl import SFTConfig
+
+    return trainer_args(
+        SFTConfig, cfg.train, output_dir, cfg.seed,
+        max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
+        train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
+    )
+
+
 def run(cfg: SFTStageConfig) -> dict:
     from peft import get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     set_seed(cfg.seed)
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
@@ -50,12 +61,7 @@ def run(cfg: SFTStageConfig) -> dict:
         apply_freeze(model, cfg.adapter)
         if (pc := peft_config(cfg.adapter)) is not None:
             model = get_peft_model(model, pc)
-        args = trainer_args(
-            SFTConfig, cfg.train, ckpt_dir, cfg.seed,
-            max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
-            train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(cfg.train_file),
+        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=_dataset(cfg.train_file),
                              eval_dataset=_dataset(cfg.eval_file), processing_class=tokenizer)
         eval_loss_before = trainer.evaluate()["eval_loss"]
         result = train_with_resume(trainer, resume)

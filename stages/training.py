@@ -41,6 +41,7 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         gradient_accumulation_steps=train.grad_accum,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),  # lets transformers autocast bf16 on a CPU that has it
         activation_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps,
         save_strategy="steps",
@@ -74,7 +75,21 @@ def prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
     root.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fp)
     ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return root, (str(ckpts[-1]) if ckpts else None)
+    complete = [c for c in ckpts if _is_complete(c)]
+    for c in ckpts:  # a kill while the Trainer was writing one leaves it half-written: drop it, keep the previous
+        if c not in complete:
+            print(f"[resume] {c} was not completely written (killed while saving); removing it", flush=True)
+            shutil.rmtree(c, ignore_errors=True)
+    return root, (str(complete[-1]) if complete else None)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after weights, optimizer and RNG state)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def clear_checkpoints(stage: str) -> None:
@@ -89,6 +104,7 @@ def train_with_resume(trainer, resume_from: str | None) -> dict:
     """
     from stages.common import peak_memory_mb
 
+    memory = MemoryWindow(trainer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
@@ -103,6 +119,38 @@ def train_with_resume(trainer, resume_from: str | None) -> dict:
         "train_wall_s": wall,
         "tokens_per_s": tokens * steps_run / max(trainer.state.global_step, 1) / wall if tokens else None,
         "peak_memory_mb": peak_memory_mb(),
+        **memory.metrics(),
         "resumed_from_step": resumed,
         "world_size": world,
     }
+
+
+class MemoryWindow:
+    """The training run's measured peak next to stages.plan's estimate for it (metrics of every training stage).
+
+    train_peak_memory_mb: CUDA max allocated during training; on CPU the peak RSS during training less the
+    runtime baseline (RSS before training minus the models' own bytes), i.e. models + what training allocates,
+    which is what the plan estimates. plan_error_pct = (estimate - measured) / measured.
+    """
+
+    def __init__(self, trainer):
+        import torch
+
+        from stages.common import reset_peak_memory
+        from stages.plan import MiB, module_bytes, resident_modules, trainer_estimate
+
+        try:
+            self.plan = trainer_estimate(trainer)["total"]
+        except Exception as e:  # the estimate is advisory: a model it cannot read must not stop training
+            print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
+            self.plan = None
+        self.cuda = torch.cuda.is_available()
+        in_use = reset_peak_memory()
+        self.baseline = 0.0 if self.cuda else in_use - module_bytes(*resident_modules(trainer)) / MiB
+
+    def metrics(self) -> dict:
+        from stages.common import peak_memory_mb
+
+        measured = peak_memory_mb() - self.baseline
+        error = None if self.plan is None else 100 * (self.plan - measured) / measured
+        return {"train_peak_memory_mb": measured, "plan_estimate_mb": self.plan, "plan_error_pct": error}

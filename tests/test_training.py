@@ -74,3 +74,18 @@ def test_atomic_dir_leaves_old_output_when_the_block_fails(tmp_path):
             raise RuntimeError("killed")
     assert (out / "weights").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_checkpoint_half_written_when_killed_is_dropped_and_the_previous_one_resumed(tmp_path, monkeypatch):
+    from stages.training import prepare_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    root = Path("checkpoints/sft")
+    (root / "checkpoint-10").mkdir(parents=True)
+    (root / "checkpoint-10/trainer_state.json").write_text('{"global_step": 10}')
+    (root / "checkpoint-20").mkdir()  # killed after the weights, before trainer_state.json
+    (root / "checkpoint-20/model.safetensors").write_text("partial")
+    (root / "fingerprint.txt").write_text("fp")
+    ckpt_dir, resume = prepare_checkpoints("sft", "fp")
+    assert resume == str(root / "checkpoint-10")
+    assert not (root / "checkpoint-20").exists()

@@ -1,0 +1,449 @@
+"""plan: estimate each training stage's peak memory before it runs, per fine-tuning method, and what fits a budget.
+
+    python -m stages.plan                          # this machine, every training stage in params.yaml
+    python -m stages.plan --device cuda --budget-gib 24 --stages sft --seq-len 1024
+
+Reads params.yaml (never writes): for each training stage, its model's shape (config.json of a built or
+Hugging Face model, or `base.tiny` before the base stage has run), precision, batch size, max_length and
+adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning) it prints
+  weights    all parameters as loaded (fp32; qlora: 4-bit linear layers) + a frozen reference where TRL keeps one
+  grads      fp32, trainable parameters only
+  optimizer  AdamW: two fp32 states per trainable parameter
+  activations what autograd saves for backward: per token and layer from the shape (coefficients measured on
+             Llama/Qwen blocks, fp32 and bf16 autocast; see ACT_*), x tokens in the largest batch, times the
+             method's share (freeze: the trained layers only; LoRA saves a little less, DoRA more);
+             gradient checkpointing keeps one hidden state per layer plus one layer's worth
+  lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles)
+and the largest batch that fits `--budget-gib`. Every training stage also logs `plan_estimate_mb` next to its
+measured `train_peak_memory_mb` (stages.training.train_with_resume calls `trainer_estimate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+MiB = 2**20
+METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+TRAINING_STAGES = ("cpt", "sft", "reward", "align", "rft", "distill")
+
+# Bytes autograd keeps per token, per decoder layer, for each unit of a dimension: hidden h, query width
+# q = heads x head_dim, key/value width kv = kv_heads x head_dim, MLP width I. Measured with
+# torch.autograd.graph.saved_tensors_hooks on Llama blocks (SDPA attention, which saves no s x s scores).
+ACT_FP32 = {"h": 16, "q": 16, "kv": 8, "I": 16}  # fp32: 4 hidden-sized, 4 query-sized, k and v, 4 MLP-sized tensors
+ACT_BF16 = {"h": 14, "q": 14, "kv": 6, "I": 8}  # bf16 autocast: bf16 copies for the matmuls, fp32 norms/residuals
+HEAD_PER_H = 12  # final norm and the hidden states the fused LM head keeps, fp32, per token and hidden unit
+# Activation share of a method relative to full fine-tuning (frozen linear layers save no input for a weight grad;
+# DoRA keeps the weight-norm terms). freeze is handled exactly: only the top k layers save anything.
+METHOD_ACT = {"full": 1.0, "freeze": 1.0, "lora": 0.9, "qlora": 0.9, "dora": 1.8, "ia3": 1.15,
+              "prompt_tuning": 1.15, "prefix_tuning": 1.15, "p_tuning": 1.15}
+# Besides what it saves, the forward holds the temporaries of the layer it is in (norm upcasts, MLP products):
+# measured as about 1.75 layers' worth of saved activations at the peak (Llama blocks, 2 shapes, fp32 and bf16).
+TRANSIENT_LAYERS = 1.75
+LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: tokens x vocabulary columns per tile
+# Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
+# temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
+CPU_TILE_COPIES = 7.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a decoder-only model's config."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection of one decoder layer."""
+        h, q, kv, i = self.hidden, self.q, self.kv, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.modules().values())
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embed + self.linear_params() + self.layers * 2 * self.hidden + self.hidden
+
+
+def shape_of(config) -> Shape:
+    """Shape from a transformers config (Llama, Qwen2, Mistral, ... style attribute names)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    return Shape(vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                 intermediate=c.intermediate_size, tied=bool(getattr(c, "tie_word_embeddings", False)))
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def trainable_params(shape: Shape, method: str, adapter) -> int:
+    """Parameters the optimizer updates for `method` (adapter: a stages.config.AdapterConfig or alike)."""
+    h, L = shape.hidden, shape.layers
+    targets = [m for m in adapter.target_modules if m in shape.modules()]
+    dims = [shape.modules()[m] for m in targets]
+    if method == "full":
+        return shape.params()
+    if method == "freeze":
+        per_layer = sum(a * b for a, b in shape.modules().values()) + 2 * h
+        return adapter.freeze_train_top_k * per_layer + h
+    if method in ("lora", "qlora", "dora"):
+        n = L * sum(adapter.lora_r * (a + b) for a, b in dims)
+        return n + (L * sum(b for _, b in dims) if method == "dora" else 0)  # DoRA: a magnitude per output
+    if method == "ia3":
+        return L * sum(a if m == "down_proj" else b for m, (a, b) in zip(targets, dims))
+    if method == "prompt_tuning":
+        return adapter.num_virtual_tokens * h
+    if method == "prefix_tuning":
+        return adapter.num_virtual_tokens * 2 * L * shape.kv
+    if method == "p_tuning":  # peft's MLP prompt encoder (h -> 64 -> 64 -> h, with biases; stages.models)
+        return adapter.num_virtual_tokens * h + (h * 64 + 64) + (64 * 64 + 64) + (64 * h + h)
+    raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+
+
+def activation_bytes_per_token(shape: Shape, precision: str) -> tuple[float, float]:
+    """(bytes per token per decoder layer, bytes per token for the head) that autograd keeps."""
+    c = ACT_BF16 if precision in ("bf16", "fp16") else ACT_FP32
+    layer = c["h"] * shape.hidden + c["q"] * shape.q + c["kv"] * shape.kv + c["I"] * shape.intermediate
+    return layer, HEAD_PER_H * shape.hidden
+
+
+def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, seq_len: int, device: str,
+             kind: str = "sft", gradient_checkpointing: bool = False, packed: bool = False,
+             total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0) -> dict:
+    """Peak training memory in MiB by component, and the total.
+
+    kind: "sft" (SFTTrainer: cpt, sft, rft, distill sequence; fused LM head), "pairs" (DPO/ORPO: chosen and
+    rejected in one batch, fused LM head), "reward" (pairs, a score head instead of the LM head), "online"
+    (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
+    total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
+    precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
+    """
+    total = total_params if total_params is not None else shape.params()
+    train = trainable if trainable is not None else trainable_params(shape, method, adapter)
+    adapter_params = 0 if method in ("full", "freeze") else train
+    base = total - adapter_params
+    if method == "qlora":  # nf4 linear weights (+ one fp32 absmax per 64), the rest as loaded
+        lin = shape.linear_params()
+        weights = lin * (0.5 + 4 / 64) + (base - lin) * 4 + adapter_params * 4
+    else:
+        weights = base * 4 + adapter_params * 4
+    weights += extra_frozen_params * 4
+    grads = train * 4
+    optimizer = train * 8
+
+    sequences = batch * (2 if kind in ("pairs", "reward") else 1)
+    seq = seq_len + (adapter.num_virtual_tokens if method in PROMPT_LEARNING else 0)
+    tokens = sequences * seq
+    layer, head = activation_bytes_per_token(shape, precision)
+    layers_saving = adapter.freeze_train_top_k if method == "freeze" else shape.layers
+    half = precision in ("bf16", "fp16")
+    if gradient_checkpointing:  # one hidden state per layer, plus one layer recomputed in backward
+        act = tokens * (shape.layers * 4 * shape.hidden + layer * METHOD_ACT[method] + head)
+    else:
+        act = tokens * (layers_saving * layer * METHOD_ACT[method] + head)
+    act += tokens * layer * TRANSIENT_LAYERS
+    if half:  # autocast keeps a half copy of each weight for the backward
+        act += 2 * shape.linear_params() * layers_saving / shape.layers
+    if not packed:  # SDPA keeps the padding mask, in the compute dtype, for each layer
+        act += layers_saving * sequences * seq * seq * (2 if half else 4)
+
+    lm_head = 0.0
+    if kind != "reward":
+        tile = min(tokens, LM_TILE_TOKENS) * min(shape.vocab, LM_TILE_VOCAB)
+        if device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
+            lm_head = tile * (2 if half else 4) + tokens * shape.hidden * 4
+        else:
+            lm_head = tile * ((2 if half else 4) + CPU_TILE_COPIES * 4) + tokens * shape.hidden * 4
+        if method == "full":
+            lm_head += shape.vocab * shape.hidden * 4  # the fp32 gradient of the (tied) head
+    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act, "lm_head": lm_head}
+    out = {k: v / MiB for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out.update(trainable_params=train, total_params=total, tokens=tokens)
+    return out
+
+
+def max_batch(shape: Shape, budget_mib: float, limit: int = 4096, **kw) -> int:
+    """Largest power-of-two batch whose estimate fits `budget_mib` (0 if not even batch 1 fits)."""
+    best, b = 0, 1
+    while b <= limit and estimate(shape, batch=b, **kw)["total"] <= budget_mib:
+        best, b = b, b * 2
+    return best
+
+
+# ---------------------------------------------------------------- a live trainer (what train_with_resume logs)
+
+
+def _longest_row(trainer, cap: int | None) -> int | None:
+    """Longest tokenised training row (capped at max_length): the largest batch is padded to it."""
+    ds = getattr(trainer, "train_dataset", None)
+    columns = getattr(ds, "column_names", None) or []
+    lengths = []
+    for col in ("input_ids", "chosen_input_ids", "rejected_input_ids", "completion_input_ids"):
+        if col in columns:
+            lengths.append(max((len(x) for x in ds[col]), default=0))
+    if "prompt_input_ids" in columns and "chosen_input_ids" in columns:  # DPO: prompt + answer in one row
+        lengths.append(max(len(p) + max(len(c), len(r)) for p, c, r in
+                           zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])))
+    if not lengths:
+        return cap
+    longest = max(lengths)
+    return min(longest, cap) if cap else longest
+
+
+def _modules(trainer):
+    import torch
+
+    seen = []
+    for name in ("ref_model", "teacher_model", "reward_model"):
+        m = getattr(trainer, name, None)
+        if isinstance(m, torch.nn.Module):
+            seen.append(m)
+    for m in getattr(trainer, "reward_funcs", None) or []:
+        if isinstance(m, torch.nn.Module):
+            seen.append(m)
+    return seen
+
+
+def resident_modules(trainer) -> list:
+    """The models a trainer holds: the one it trains, and any frozen reference / teacher / reward model."""
+    return [trainer.model, *_modules(trainer)]
+
+
+def module_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of `modules`, each storage counted once."""
+    storages = {}
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def trainer_estimate(trainer) -> dict:
+    """The plan for the run `trainer` is about to do: its model, args and data (MiB by component)."""
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shape = shape_of(base.config)
+    args = trainer.args
+    kind = type(trainer).__name__
+    kind = ("reward" if kind == "RewardTrainer" else "pairs" if kind in ("DPOTrainer", "ORPOTrainer", "CPOTrainer")
+            else "online" if kind in ("GRPOTrainer", "RLOOTrainer") else "sft")
+    max_length = getattr(args, "max_length", None)
+    if kind == "online":
+        seq = (getattr(args, "max_prompt_length", None) or 0) + args.max_completion_length
+        seq = max(seq, _longest_row(trainer, None) or 0)
+    else:
+        seq = _longest_row(trainer, max_length) or max_length or 512
+    method = "full"
+    if hasattr(model, "peft_config"):
+        pc = model.peft_config["default"]
+        name = type(pc).__name__
+        method = {"LoraConfig": "dora" if getattr(pc, "use_dora", False) else "lora", "IA3Config": "ia3",
+                  "PromptTuningConfig": "prompt_tuning", "PrefixTuningConfig": "prefix_tuning",
+                  "PromptEncoderConfig": "p_tuning"}.get(name, "lora")
+        if getattr(base, "is_loaded_in_4bit", False):
+            method = "qlora"
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers_trained = _layers_trained(base)
+    if method == "full" and trainable < total and layers_trained is not None:
+        method = "freeze"
+    adapter = _AdapterShape(freeze_train_top_k=layers_trained or shape.layers,
+                            num_virtual_tokens=getattr(getattr(model, "peft_config", {}).get("default"),
+                                                       "num_virtual_tokens", 0) or 0)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    device = "cuda" if _on_cuda(base) else "cpu"
+    packed = bool(getattr(args, "packing", False) or getattr(args, "padding_free", False))
+    extra = sum(sum(p.numel() for p in m.parameters()) for m in _modules(trainer))
+    return estimate(shape, method=method, adapter=adapter, precision=precision, batch=args.per_device_train_batch_size,
+                    seq_len=seq, device=device, kind=kind, gradient_checkpointing=bool(args.gradient_checkpointing),
+                    packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra)
+
+
+@dataclass(frozen=True)
+class _AdapterShape:
+    freeze_train_top_k: int
+    num_virtual_tokens: int
+    target_modules: tuple = ()
+    lora_r: int = 0
+
+
+def _layers_trained(model) -> int | None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    return sum(1 for layer in layers if any(p.requires_grad for p in layer.parameters()))
+
+
+def _on_cuda(model) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def stage_model_shape(stage: str, params: dict) -> tuple[Shape, str]:
+    """(shape, where it came from) of the model `stage` trains, built or not yet built."""
+    section = params[stage]
+    if stage == "distill":
+        student = section["student"]
+        teacher, _ = _shape_at(section["teacher"], params)
+        if student["source"] == "tiny":
+            return _tiny_shape(student["tiny"], teacher.vocab), "distill.student.tiny"
+        return _shape_at(student["source"], params)
+    return _shape_at(section["model"], params)
+
+
+def stage_model_shape_teacher(params: dict) -> Shape:
+    return _shape_at(params["distill"]["teacher"], params)[0]
+
+
+def _shape_at(path: str, params: dict) -> tuple[Shape, str]:
+    from stages.models import _resolve, is_adapter_dir
+
+    local = Path(_resolve(path))
+    while local.exists() and is_adapter_dir(local):
+        base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
+        local = Path(_resolve(base)) if Path(_resolve(base)).exists() else (local / base).resolve()
+    if (local / "config.json").exists():
+        from transformers import AutoConfig
+
+        return shape_of(AutoConfig.from_pretrained(local)), str(path)
+    if path.startswith("models/"):  # not built yet: every stage descends from base
+        base = params["base"]
+        if base["source"] == "tiny":
+            return _tiny_shape(base["tiny"], base["tokenizer"]["vocab_size"]), "base.tiny (not built yet)"
+        return _shape_at(base["source"], params)
+    from transformers import AutoConfig
+
+    try:
+        return shape_of(AutoConfig.from_pretrained(path)), path
+    except OSError as e:
+        raise SystemExit(f"plan: cannot read the config of {path!r} ({e}); build it or set HF_HUB_OFFLINE=0")
+
+
+def _tiny_shape(tiny: dict, vocab: int) -> Shape:
+    return Shape(vocab=vocab, hidden=tiny["hidden_size"], layers=tiny["num_layers"], heads=tiny["num_heads"],
+                 kv_heads=tiny["num_kv_heads"], head_dim=tiny["hidden_size"] // tiny["num_heads"],
+                 intermediate=tiny["intermediate_size"], tied=tiny["tie_word_embeddings"])
+
+
+def stage_kind(stage: str, section: dict) -> str:
+    if stage == "reward":
+        return "reward"
+    if stage == "align":
+        return {"dpo": "pairs", "orpo": "pairs", "kto": "sft"}.get(section["method"], "online")
+    return "sft"
+
+
+def resolve_for(device: str, precision: str) -> str:
+    """precision as the stage would resolve it on `device` (auto: bf16 where it is native)."""
+    from stages.common import cpu_has_bf16
+
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
+
+
+def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_len: int | None,
+         batch: int | None) -> list[dict]:
+    from stages.config import AdapterConfig, TrainConfig, build
+
+    rows = []
+    for stage in stages:
+        section = params[stage]
+        shape, source = stage_model_shape(stage, params)
+        train = build(TrainConfig, section["train"], f"{stage}.train")
+        adapter = build(AdapterConfig, section["adapter"], f"{stage}.adapter") if "adapter" in section else None
+        precision = resolve_for(device, train.precision)
+        seq = seq_len or train.max_length
+        kind = stage_kind(stage, section)
+        b = batch or train.batch_size
+        methods = METHODS if adapter else ("full",)
+        adapter = adapter or _AdapterShape(freeze_train_top_k=shape.layers, num_virtual_tokens=0)
+        for method in methods:
+            if method == "qlora" and device != "cuda":
+                continue
+            ref = shape.params() if kind in ("pairs", "online") and method in ("full", "freeze") else 0
+            if stage == "distill" and section.get("method") == "logits":  # the teacher stays in memory
+                ref = stage_model_shape_teacher(params).params()
+            kw = dict(method=method, adapter=adapter, precision=precision, seq_len=seq, device=device, kind=kind,
+                      gradient_checkpointing=train.gradient_checkpointing, extra_frozen_params=ref,
+                      packed=stage == "cpt")
+            est = estimate(shape, batch=b, **kw)
+            rows.append({"stage": stage, "model": source, "params": shape.params(), "method": method,
+                         "configured": method == getattr(adapter, "method", "full"), "precision": precision,
+                         "batch": b, "seq_len": seq, **est, "fits": est["total"] <= budget_gib * 1024,
+                         "max_batch": max_batch(shape, budget_gib * 1024, **kw),
+                         "max_batch_ckpt": max_batch(shape, budget_gib * 1024,
+                                                     **{**kw, "gradient_checkpointing": True})})
+    return rows
+
+
+def _gib(mib: float) -> str:
+    return f"{mib / 1024:.2f}" if mib >= 1024 else f"{mib / 1024:.3f}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import torch
+
+    from stages.config import read_params
+
+    parser = argparse.ArgumentParser(prog="python -m stages.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="plan for this device (default: this machine's)")
+    parser.add_argument("--budget-gib", type=float, default=24.0, help="memory budget (default 24 GiB)")
+    parser.add_argument("--stages", nargs="+", choices=TRAINING_STAGES, help="default: every training stage present")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default: each stage's train.max_length)")
+    parser.add_argument("--batch", type=int, help="batch size (default: each stage's train.batch_size)")
+    parser.add_argument("--json", help="also write the rows here")
+    a = parser.parse_args(argv)
+    params = read_params(a.params)
+    stages = a.stages or [s for s in TRAINING_STAGES if s in params]
+    rows = plan(params, a.device, a.budget_gib, stages, a.seq_len, a.batch)
+    print(f"# memory plan: device {a.device}, budget {a.budget_gib:g} GiB (estimates in GiB; * = the configured method)")
+    for stage in stages:
+        srows = [r for r in rows if r["stage"] == stage]
+        if not srows:
+            continue
+        r0 = srows[0]
+        print(f"\n## {stage}: {r0['model']}, {r0['params'] / 1e6:.1f} M params, {r0['precision']}, "
+              f"batch {r0['batch']} x {r0['seq_len']} tokens\n")
+        print("| method | trainable | weights | grads | optimizer | activations | lm head | total | fits | "
+              "max batch | max batch (grad ckpt) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in srows:
+            print(f"| {r['method']}{' *' if r['configured'] else ''} | {r['trainable_params'] / 1e6:.2f} M | "
+                  + " | ".join(_gib(r[k]) for k in ("weights", "grads", "optimizer", "activations", "lm_head", "total"))
+                  + f" | {'yes' if r['fits'] else 'no'} | {r['max_batch']} | {r['max_batch_ckpt']} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

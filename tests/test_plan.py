@@ -1,0 +1,104 @@
+"""The memory planner (stages.plan): its counts match real models, its estimate adds up and moves the right
+way, the command plans every training stage, and every training stage logs the plan next to its measured peak."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from conftest import REPO, tiny_params
+from stages import plan
+from stages.config import AdapterConfig, build
+
+SHAPE = plan.Shape(vocab=320, hidden=32, layers=2, heads=2, kv_heads=2, head_dim=16, intermediate=64, tied=True)
+
+
+def tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=SHAPE.vocab, hidden_size=SHAPE.hidden, num_hidden_layers=SHAPE.layers,
+                                        num_attention_heads=SHAPE.heads, num_key_value_heads=SHAPE.kv_heads,
+                                        intermediate_size=SHAPE.intermediate, tie_word_embeddings=True))
+
+
+def adapter(method: str) -> AdapterConfig:
+    return build(AdapterConfig, {**tiny_params()["sft"]["adapter"], "method": method}, "sft.adapter")
+
+
+def test_shape_counts_the_parameters_of_a_real_model():
+    model = tiny_llama()
+    assert plan.shape_of(model.config) == SHAPE
+    assert SHAPE.params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "freeze"])
+def test_trainable_parameters_match_peft(method):
+    from peft import get_peft_model
+
+    from stages.models import apply_freeze, peft_config
+
+    model, a = tiny_llama(), adapter(method)
+    apply_freeze(model, a)
+    if (pc := peft_config(a)) is not None:
+        model = get_peft_model(model, pc)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.trainable_params(SHAPE, method, a) == real
+
+
+def test_estimate_adds_up_and_moves_with_batch_method_and_checkpointing():
+    kw = dict(adapter=adapter("full"), precision="fp32", seq_len=128, device="cpu")
+    full = plan.estimate(SHAPE, method="full", batch=8, **kw)
+    parts = sum(full[k] for k in ("weights", "grads", "optimizer", "activations", "lm_head"))
+    assert full["total"] == pytest.approx(parts)
+    n = SHAPE.params()
+    assert full["grads"] * plan.MiB == pytest.approx(4 * n) and full["optimizer"] * plan.MiB == pytest.approx(8 * n)
+
+    assert plan.estimate(SHAPE, method="full", batch=16, **kw)["activations"] > full["activations"]
+    big = plan.Shape(**{**dataclasses.asdict(SHAPE), "layers": 24, "hidden": 512, "intermediate": 1408,
+                        "head_dim": 256})
+    lora = plan.estimate(big, method="lora", batch=8, **{**kw, "adapter": adapter("lora")})
+    assert lora["optimizer"] < plan.estimate(big, method="full", batch=8, **kw)["optimizer"] / 5
+    plain = plan.estimate(big, method="full", batch=8, **kw)
+    ckpt = plan.estimate(big, method="full", batch=8, gradient_checkpointing=True, **kw)
+    assert ckpt["activations"] < plain["activations"]
+
+
+def test_max_batch_fits_the_budget():
+    kw = dict(method="full", adapter=adapter("full"), precision="fp32", seq_len=128, device="cpu")
+    budget = plan.estimate(SHAPE, batch=8, **kw)["total"] + 0.01
+    assert plan.max_batch(SHAPE, budget, **kw) == 8
+    assert plan.max_batch(SHAPE, 0.001, **kw) == 0
+
+
+def test_plan_command_lists_every_method_of_every_training_stage(tmp_path, capsys):
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params()))
+    rows = plan.main(["--params", str(params), "--device", "cpu", "--budget-gib", "1", "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    for stage in ("cpt", "sft", "reward", "align", "rft", "distill"):
+        assert f"## {stage}:" in out
+    sft = {r["method"]: r for r in rows if r["stage"] == "sft"}
+    assert "qlora" not in sft  # no GPU here: qlora is not planned for the CPU
+    assert set(sft) == set(plan.METHODS) - {"qlora"}
+    assert sft["full"]["configured"] and sft["full"]["fits"] and sft["full"]["max_batch"] >= 1
+    assert (tmp_path / "p.json").exists()
+
+
+def test_plan_on_a_gpu_with_too_small_a_budget_says_nothing_fits(tmp_path, capsys):
+    rows = plan.main(["--params", str(REPO / "params.yaml"), "--device", "cuda", "--budget-gib", "0.001",
+                      "--stages", "sft"])
+    assert {r["method"] for r in rows} == set(plan.METHODS)
+    assert not any(r["fits"] for r in rows) and all(r["max_batch"] == 0 for r in rows)
+
+
+def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
+    for stage in ("cpt", "sft"):
+        m = lifecycle["metrics"][stage]
+        assert m["plan_estimate_mb"] > 0 and m["train_peak_memory_mb"] > 0, stage
+        assert m["plan_error_pct"] == pytest.approx(
+            100 * (m["plan_estimate_mb"] - m["train_peak_memory_mb"]) / m["train_peak_memory_mb"])
