@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # importable with or without `pip install -e .`
 CODE = ["stages", "schemas", "flows", "configs", "dvc.yaml", "pyproject.toml"]
 
-_TRAIN = {"max_steps": 6, "batch_size": 4, "logging_steps": 2, "save_steps": 3, "warmup_ratio": 0.0, "num_threads": 1}
+# fp32: bf16 autocast costs more than it saves on models this small (the e2e test keeps precision: auto).
+_TRAIN = {"max_steps": 6, "batch_size": 4, "logging_steps": 2, "save_steps": 3, "warmup_ratio": 0.0, "num_threads": 1,
+          "precision": "fp32"}
 TINY = {
     "sample": {"n_corpus_docs": 120, "n_instruction": 200, "n_refusal": 40, "n_cot": 80, "n_preference": 80,
                "n_prompts": 30},
@@ -35,6 +37,12 @@ TINY = {
     "reward": {"eval_batch_size": 8, "train": dict(_TRAIN, max_length=128)},
     "align": {"min_reward_gap": 0.0, "generation": {"num_generations": 2, "max_completion_length": 8},
               "train": dict(_TRAIN, max_length=128)},
+    "distill": {"max_prompts": 64, "max_new_tokens": 16, "gen_batch_size": 32,
+                "student": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
+                                     "intermediate_size": 32, "max_position_embeddings": 256}},
+                "train": dict(_TRAIN, max_length=128),
+                "eval": {"max_per_suite": 6, "max_new_tokens": 8, "block_size": 32, "batch_size": 8,
+                         "samples_per_suite": 1, "speed_prompts": 4, "speed_rounds": 1}},
     "rft": {"max_prompts": 8, "num_samples": 2, "max_new_tokens": 16, "batch_size": 8, "max_eval": 6,
             "train": dict(_TRAIN, max_length=128)},
 }

@@ -76,3 +76,18 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.cpt", "--params", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "config error: [cpt] unknown key(s): bogus" in proc.stderr
+
+
+def test_half_precision_without_the_hardware_stops_with_a_clear_message():
+    import torch
+
+    from stages.common import cpu_has_bf16, resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RuntimeError, match="precision=fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
+    if not cpu_has_bf16():
+        with pytest.raises(RuntimeError, match="precision=bf16 needs a CUDA GPU or a CPU with native bf16"):
+            resolve_precision("bf16")
+    assert resolve_precision("fp32") == "fp32"

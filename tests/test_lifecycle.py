@@ -21,8 +21,9 @@ from conftest import make_workdir, tiny_params
 # Enough steps for the tiny model to move its metrics, still seconds per stage.
 E2E = {
     "base": {"tiny": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 128}},
-    "cpt": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20}},
-    "sft": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20}},
+    # precision auto: the default's path (bf16 autocast on a CPU that has it natively)
+    "cpt": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20, "precision": "auto"}},
+    "sft": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20, "precision": "auto"}},
 }
 UPSTREAM_OF_SFT = {"sample", "prepare", "base", "cpt"}
 DVC = str(Path(sys.executable).parent / "dvc")
