@@ -131,16 +131,17 @@ def preference(rng: random.Random) -> tuple[str, str, str]:
         wrong = answer + rng.choice([-2, -1, 1, 2])
         bad_rationale = rationale.rsplit("=", 1)[0] + f"= {wrong}."
         return question, f"{rationale}\n#### {answer}", f"{bad_rationale}\n#### {wrong}"
-    family, instr, inp, answer = instruction(rng)
-    while family == "howto":
+    while True:
         family, instr, inp, answer = instruction(rng)
-    prompt = f"{instr}\n\n{inp}" if inp else instr
-    if family in ("count", "sum"):
-        wrong = str(int(answer) + rng.choice([-1, 1, 2]))
-    else:
-        parts = answer.split()
-        wrong = " ".join(parts[1:] + parts[:1])  # rotated: same tokens, wrong order
-    return prompt, answer, wrong
+        if family == "howto":
+            continue
+        if family in ("count", "sum"):
+            wrong = str(int(answer) + rng.choice([-1, 1, 2]))
+        else:
+            parts = answer.split()
+            wrong = " ".join(parts[1:] + parts[:1])  # rotated: same tokens, wrong order
+        if wrong != answer:  # "6 6 6" rotates to itself: no pair (the contract refuses chosen == rejected)
+            return (f"{instr}\n\n{inp}" if inp else instr), answer, wrong
 
 
 def run(cfg: SampleConfig) -> dict:

@@ -306,3 +306,14 @@ def test_report_is_capped_and_read_sources_collects_every_file(tmp_path):
     assert lines[0] == "26 data problems (first 20 shown):"
     assert len(lines) == 21
     assert lines[1] == f"  {bad} line 1, column 'text': check 'non_empty' failed (value '')"
+
+
+def test_sample_preference_pairs_never_repeat_the_chosen_reply():
+    """At scale the generator once rotated '6 6 6' into itself, and prepare (rightly) refused the pair."""
+    import random
+
+    from stages.sample import preference
+
+    rng = random.Random(0)
+    pairs = [preference(rng) for _ in range(20_000)]
+    assert all(chosen != rejected for _, chosen, rejected in pairs)
