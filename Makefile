@@ -19,9 +19,11 @@ install: $(BIN)/python
 install-test: install
 	$(BIN)/pip install --quiet -e ".[test]"
 
+# Ends with the evaluation table (every model, same suites); `dvc metrics show` has every stage's metrics.
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
-	PATH="$(abspath $(BIN)):$$PATH" dvc metrics show
+	@echo ""; echo "reports/evaluate.md (all metrics: .venv/bin/dvc metrics show):"
+	@sed -n '/^| model | perplexity/,/^$$/p' reports/evaluate.md
 
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
