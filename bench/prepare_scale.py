@@ -11,8 +11,8 @@ of kinds and layouts (untimed: it stands in for your data), then the real stages
   tokenise cpt   the same for the corpus, packed into blocks as stages.cpt does
 The SFT mixture is set to every SFT-kind example (prepare.mixture.size) so all N are tokenised. The tokenizer is
 the base stage's BPE (trained on the prepared text, timed separately: it is base's work, not prepare's).
-TRL tokenises with the fast (Rust) tokenizer in batched datasets.map calls, in one process: on 2 cores that
-already meets the target, and more processes would compete with the tokenizer's own threads.
+TRL tokenises with the fast (Rust) tokenizer in batched datasets.map calls, in one process (dataset_num_proc is
+not set; on 2 cores one process already meets the target).
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ def base_of_adapter(adapter_dir: str | Path) -> str:
     return str(local.resolve()) if not Path(base).is_absolute() and local.exists() else base
 
 
+P_TUNING_ENCODER_HIDDEN = 64  # width of peft's MLP prompt encoder for method=p_tuning (stages.plan counts it)
+
+
 def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     """The peft config for `adapter.method`, or None for full / freeze training."""
     import peft
@@ -85,7 +88,7 @@ def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
         return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens)
     if m == "p_tuning":
         return peft.PromptEncoderConfig(
-            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, encoder_hidden_size=64
+            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, encoder_hidden_size=P_TUNING_ENCODER_HIDDEN
         )
     raise ValueError(f"unknown adapter method {m!r}")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 2**20
@@ -116,8 +116,10 @@ def trainable_params(shape: Shape, method: str, adapter) -> int:
         return adapter.num_virtual_tokens * h
     if method == "prefix_tuning":
         return adapter.num_virtual_tokens * 2 * L * shape.kv
-    if method == "p_tuning":  # peft's MLP prompt encoder (h -> 64 -> 64 -> h, with biases; stages.models)
-        return adapter.num_virtual_tokens * h + (h * 64 + 64) + (64 * 64 + 64) + (64 * h + h)
+    if method == "p_tuning":  # peft's MLP prompt encoder: h -> e -> e -> h, with biases
+        from stages.models import P_TUNING_ENCODER_HIDDEN as e
+
+        return adapter.num_virtual_tokens * h + (h * e + e) + (e * e + e) + (e * h + h)
     raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
 
 

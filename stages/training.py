@@ -144,9 +144,8 @@ class MemoryWindow:
         except Exception as e:  # the estimate is advisory: a model it cannot read must not stop training
             print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
             self.plan = None
-        self.cuda = torch.cuda.is_available()
         in_use = reset_peak_memory()
-        self.baseline = 0.0 if self.cuda else in_use - module_bytes(*resident_modules(trainer)) / MiB
+        self.baseline = 0.0 if torch.cuda.is_available() else in_use - module_bytes(*resident_modules(trainer)) / MiB
 
     def metrics(self) -> dict:
         from stages.common import peak_memory_mb

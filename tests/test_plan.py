@@ -89,7 +89,7 @@ def test_plan_command_lists_every_method_of_every_training_stage(tmp_path, capsy
     assert (tmp_path / "p.json").exists()
 
 
-def test_plan_on_a_gpu_with_too_small_a_budget_says_nothing_fits(tmp_path, capsys):
+def test_plan_on_a_gpu_with_too_small_a_budget_says_nothing_fits():
     rows = plan.main(["--params", str(REPO / "params.yaml"), "--device", "cuda", "--budget-gib", "0.001",
                       "--stages", "sft"])
     assert {r["method"] for r in rows} == set(plan.METHODS)
