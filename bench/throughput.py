@@ -187,8 +187,16 @@ def worker(a) -> dict:
             args = stock_args(a.variant, out, a.steps, a.batch, shape["max_length"], a.seed)
             settings = STOCK[a.variant]
         model = build_model(shape, a.seed)
+        if a.variant.startswith("ours") and a.stage == "sft":  # the stage's attention choice (exact packing)
+            from stages.attention import set_attention
+
+            settings["attention"] = set_attention(model, cfg.attention, cfg.packing)
         n_params = sum(p.numel() for p in model.parameters())
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=build_tokenizer())
+        if a.variant.startswith("ours"):  # the stage's LM-head choice for the loss
+            from stages.lm_head import set_loss_head
+
+            settings["loss_head"] = set_loss_head(trainer, cfg.loss_head)
         from stages.training import MemoryWindow
 
         rss_before = rss_mb()

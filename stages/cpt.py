@@ -6,9 +6,11 @@ Metrics: held-out perplexity before and after, so the effect of the stage is in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
 from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
+from stages.lm_head import set_loss_head
 from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
 from stages.scoring import perplexity
 from stages.tracking import log_model_dir, log_stage_metrics, stage_run
@@ -23,6 +25,7 @@ class CPTConfig:
     train_file: str
     eval_file: str
     adapter: AdapterConfig
+    loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
     train: TrainConfig  # train.max_length is the packed block size
     out_dir: str
 
@@ -58,6 +61,7 @@ def run(cfg: CPTConfig) -> dict:
         train_ds = Dataset.from_list([{"text": r["text"]} for r in read_jsonl(cfg.train_file)])
         trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
                              processing_class=tokenizer)
+        set_loss_head(trainer, cfg.loss_head)
         result = train_with_resume(trainer, resume)
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
         metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,

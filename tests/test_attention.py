@@ -1,0 +1,116 @@
+"""sdpa_varlen: packed (padding-free) training is exact on CPU, and nothing else changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_workdir, run_stage, tiny_params
+
+
+def _model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                         attention_dropout=0.0)
+    return LlamaForCausalLM(config)
+
+
+def _examples():
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n, prompt in ((9, 3), (23, 10), (5, 2), (16, 6)):
+        ids = torch.randint(3, 97, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})  # loss on the completion
+    return rows
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_packed_batch_trains_exactly_like_the_padded_batch():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from stages.attention import set_attention
+
+    rows = _examples()
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+
+    model = _model().train()  # training mode: the forward builds a KV cache, as in the Trainer
+    loss_padded, grads_padded = _loss_and_grads(model, padded)
+    assert set_attention(model, "auto", packing=True) == "sdpa_varlen"
+    loss_packed, grads_packed = _loss_and_grads(model, packed)
+
+    assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_without_cu_seq_lens_are_split_by_position_ids():
+    from stages.attention import set_attention
+
+    model = _model().eval()
+    seqs = [torch.randint(3, 97, (n,)) for n in (7, 12, 4)]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits[0] for s in seqs]
+        set_attention(model, "auto", packing=True)
+        ids = torch.cat(seqs)[None]
+        positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        packed = model(input_ids=ids, position_ids=positions).logits[0].split([7, 12, 4])
+    for a, b in zip(alone, packed):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_is_unchanged_by_the_switch():
+    from stages.attention import set_attention
+
+    model = _model().eval()
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    before = model.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    set_attention(model, "auto", packing=True)
+    after = model.generate(prompts, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(before, after)
+
+
+def test_auto_without_packing_keeps_stock_sdpa():
+    from stages.attention import set_attention
+
+    model = _model()
+    assert set_attention(model, "auto", packing=False) == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_packing_with_an_attention_that_mixes_examples_is_refused(tmp_path):
+    from stages.config import ConfigError, load_config
+    from stages.sft import SFTStageConfig
+
+    params = tiny_params(sft={"packing": True, "attention": "sdpa"})
+    workdir = make_workdir(tmp_path / "w", params)
+    with pytest.raises(ConfigError, match=r"\[sft.attention\] 'sdpa' with packing lets each packed example attend"):
+        load_config("sft", SFTStageConfig, workdir / "params.yaml")
+
+
+def test_sft_stage_with_packing_trains_and_saves_a_loadable_model(lifecycle, tmp_path):
+    import shutil
+
+    from stages.models import load_model
+
+    workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "out_dir": "models/sft_packed"}))
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
+    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt")
+    metrics = run_stage("sft", workdir)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    config = json.loads((workdir / "models/sft_packed/config.json").read_text())
+    assert "sdpa_varlen" not in json.dumps(config)  # a later stage's process needs no registration to load it
+    assert load_model(workdir / "models/sft_packed") is not None
