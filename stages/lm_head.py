@@ -74,6 +74,7 @@ def add_compact_lm_head(model) -> None:
                                    entropy=scatter(entropy), is_top1=scatter(is_top1), label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+    model.loss_head = "compact"  # what stages.plan reads to estimate this head's memory
 
 
 def set_loss_head(trainer, choice: str) -> str:

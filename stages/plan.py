@@ -13,7 +13,8 @@ adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt
              Llama/Qwen blocks, fp32 and bf16 autocast; see ACT_*), x tokens in the largest batch, times the
              method's share (freeze: the trained layers only; LoRA saves a little less, DoRA more);
              gradient checkpointing keeps one hidden state per layer plus one layer's worth
-  lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles)
+  lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles), or
+             with loss_head=compact (cpt/sft on CPU) the logits of the labelled tokens
 and the largest batch that fits `--budget-gib`. Every training stage also logs `plan_estimate_mb` next to its
 measured `train_peak_memory_mb` (stages.training.train_with_resume calls `trainer_estimate`).
 """
@@ -47,6 +48,9 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: toke
 # Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
 # temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
 CPU_TILE_COPIES = 7.5
+# loss_head=compact (stages.lm_head) holds [labelled tokens, vocab] logits: the compute-dtype output, its fp32 copy,
+# the log-softmax autograd saves and the entropy metric's two temporaries (bytes per token and vocabulary entry).
+COMPACT_BYTES = {"half": 18, "fp32": 16}
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,15 @@ def activation_bytes_per_token(shape: Shape, precision: str) -> tuple[float, flo
 
 def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, seq_len: int, device: str,
              kind: str = "sft", gradient_checkpointing: bool = False, packed: bool = False,
-             total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0) -> dict:
+             total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0,
+             loss_head: str = "fused") -> dict:
     """Peak training memory in MiB by component, and the total.
 
     kind: "sft" (SFTTrainer: cpt, sft, rft, distill sequence; fused LM head), "pairs" (DPO/ORPO: chosen and
     rejected in one batch, fused LM head), "reward" (pairs, a score head instead of the LM head), "online"
     (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
     total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
+    loss_head: "fused" (TRL's tiled head) or "compact" (stages.lm_head: plain logits where a label is).
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
     """
     total = total_params if total_params is not None else shape.params()
@@ -173,7 +179,9 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     lm_head = 0.0
     if kind != "reward":
         tile = min(tokens, LM_TILE_TOKENS) * min(shape.vocab, LM_TILE_VOCAB)
-        if device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
+        if loss_head == "compact":  # every token counted as labelled: an upper bound for prompt-masked SFT
+            lm_head = tokens * shape.vocab * COMPACT_BYTES["half" if half else "fp32"] + tokens * shape.hidden * 4
+        elif device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
             lm_head = tile * (2 if half else 4) + tokens * shape.hidden * 4
         else:
             lm_head = tile * ((2 if half else 4) + CPU_TILE_COPIES * 4) + tokens * shape.hidden * 4
@@ -281,7 +289,8 @@ def trainer_estimate(trainer) -> dict:
     extra = sum(sum(p.numel() for p in m.parameters()) for m in _modules(trainer))
     return estimate(shape, method=method, adapter=adapter, precision=precision, batch=args.per_device_train_batch_size,
                     seq_len=seq, device=device, kind=kind, gradient_checkpointing=bool(args.gradient_checkpointing),
-                    packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra)
+                    packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra,
+                    loss_head=getattr(base, "loss_head", "fused"))
 
 
 @dataclass(frozen=True)
@@ -361,6 +370,11 @@ def stage_kind(stage: str, section: dict) -> str:
     return "sft"
 
 
+def _loss_head_for(device: str, choice: str) -> str:
+    """loss_head as stages.lm_head would resolve it on `device`."""
+    return ("fused" if device == "cuda" else "compact") if choice == "auto" else choice
+
+
 def resolve_for(device: str, precision: str) -> str:
     """precision as the stage would resolve it on `device` (auto: bf16 where it is native)."""
     from stages.common import cpu_has_bf16
@@ -394,7 +408,8 @@ def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_le
                 ref = stage_model_shape_teacher(params).params()
             kw = dict(method=method, adapter=adapter, precision=precision, seq_len=seq, device=device, kind=kind,
                       gradient_checkpointing=train.gradient_checkpointing, extra_frozen_params=ref,
-                      packed=stage == "cpt")
+                      packed=stage == "cpt" or bool(section.get("packing")),
+                      loss_head=_loss_head_for(device, section.get("loss_head", "fused")))
             est = estimate(shape, batch=b, **kw)
             rows.append({"stage": stage, "model": source, "params": shape.params(), "method": method,
                          "configured": method == getattr(adapter, "method", "full"), "precision": precision,
