@@ -129,3 +129,18 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
     per_entry = COMPACT_BYTES["half" if args.bf16 else "fp32"]
     expected = (tokens * 512 * per_entry + tokens * 32 * 4 + 512 * 32 * 4) / MiB
     assert compact["lm_head"] == pytest.approx(expected) and compact["lm_head"] != pytest.approx(fused)
+
+
+def test_cpu_peak_window_forgets_what_came_before_it():
+    """A stage's training peak must not include an earlier, larger allocation in the same process."""
+    import torch
+
+    from stages.common import peak_memory_mb, reset_peak_memory
+
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+    del big
+    reset_peak_memory()
+    small = torch.ones(50 * 2**20 // 4)
+    in_use = reset_peak_memory()
+    assert peak_memory_mb() < in_use + 100, "the 400 MiB freed before the window still counts"
+    del small
