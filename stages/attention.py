@@ -1,12 +1,13 @@
-"""Exact attention for padding-free (packed) training on any device: "sdpa_varlen".
+"""Attention for padding-free (packed) training that costs what its examples cost: "sdpa_varlen".
 
 TRL's padding-free collator (sft.packing) concatenates a batch's examples into one row, restarting
-position_ids at each example and passing the boundaries as `cu_seq_lens_q`. Only a varlen kernel keeps
-the examples apart: flash-attention-2 does on a GPU that has it installed; stock SDPA and eager do not
-(each example then attends to the ones before it). "sdpa_varlen" runs PyTorch SDPA once per example
-slice, causal, so a packed row costs the sum of its examples' attention, not the square of its length,
-and no token is spent on padding. Anything that is not a packed training row (generation, a padded
-batch, decoding with a cache) goes to transformers' own SDPA path unchanged.
+position_ids at each example and passing the boundaries as `cu_seq_lens_q`. With stock SDPA or eager,
+transformers keeps the examples apart by building a dense block-diagonal mask over the whole row (only
+when the forward runs without a KV cache, as TRL's trainer does), so a 8,192-token row pays attention over
+8,192 x 8,192 positions. A varlen kernel pays only for each example: flash-attention-2 does on a GPU that has
+it installed; "sdpa_varlen" runs PyTorch SDPA once per example slice, causal, on any device, and does not
+depend on the cache flag. Anything that is not a packed training row (generation, a padded batch, decoding
+with a cache) goes to transformers' own SDPA path unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import importlib.util
 import torch
 
 VARLEN = "sdpa_varlen"
-PACKING_SAFE = (VARLEN, "flash_attention_2", "flash_attention_3")
 
 
 def _segment_lengths(kwargs: dict, length: int) -> list[int] | None:
@@ -66,15 +66,12 @@ def register() -> None:
 
 
 def resolve(attention: str, packing: bool) -> str:
-    """The attention implementation a training stage uses; `auto` is exact for packing on every device."""
+    """The attention implementation a training stage uses; `auto` picks a varlen kernel for packing."""
     if attention == "auto":
         if not packing:
             return "sdpa"
         flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
         return "flash_attention_2" if flash else VARLEN
-    if packing and attention not in PACKING_SAFE:
-        raise ValueError(f"attention={attention!r} with packing lets each packed example attend to the ones before "
-                         f"it; use auto or one of {list(PACKING_SAFE)}")
     return attention
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.attention import PACKING_SAFE, set_attention
+from stages.attention import set_attention
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
-from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
+from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
 from stages.lm_head import set_loss_head
 from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
 from stages.tracking import log_model_dir, log_stage_metrics, stage_run
@@ -26,18 +26,13 @@ class SFTStageConfig:
     model: str
     train_file: str
     eval_file: str
-    packing: bool  # pack examples into max_length rows, padding-free (exact: each example attends only to itself)
+    packing: bool  # pack examples into max_length rows, padding-free (each example attends only to itself)
     attention: Literal["auto", "sdpa", "eager", "sdpa_varlen", "flash_attention_2", "flash_attention_3"]
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
     sampling: Literal["random", "group_by_length"]  # group_by_length batches similar lengths: less padding
     adapter: AdapterConfig
     train: TrainConfig
     out_dir: str
-
-    def __post_init__(self):
-        if self.packing and self.attention not in ("auto", *PACKING_SAFE):
-            raise ConfigError(f"[sft.attention] {self.attention!r} with packing lets each packed example attend to "
-                              f"the ones before it; use auto or one of {list(PACKING_SAFE)}")
 
 
 def _dataset(path: str):
