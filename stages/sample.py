@@ -96,11 +96,12 @@ def corpus_doc(rng: random.Random) -> str:
         kind = rng.randint(0, 5)
         if kind == 0:
             a, b = rng.randint(0, 9), rng.randint(0, 9)
-            sentences.append(f"{a} plus {b} is {a + b}. {a} + {b} = {a + b}.")
+            # The fact alone: with "a plus b is c" before it the model learns to copy c, not to add.
+            sentences.append(f"{a} + {b} = {a + b}.")
         elif kind == 1:
             s, c = rng.randint(1, 18), rng.randint(0, 9)
             c = min(c, s)
-            sentences.append(f"{s} minus {c} is {s - c}. {s} - {c} = {s - c}.")
+            sentences.append(f"{s} - {c} = {s - c}.")
         elif kind == 2:
             words = rng.sample(WORDS, rng.randint(3, 4))
             sentences.append(f"The words {' '.join(words)} in reverse order are {' '.join(reversed(words))}.")
