@@ -67,11 +67,13 @@ def add_compact_lm_head(model) -> None:
         if padded > rows:
             selected = torch.cat([selected, selected.new_zeros(padded - rows, selected.shape[1])])
         logits = self.get_output_embeddings()(selected)[:rows].float()
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        target_log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():  # metrics only (TRL detaches them)
-            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
             is_top1 = logits.argmax(-1) == targets
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        del logits  # at most two [rows, vocab] fp32 tensors alive at once (stages.plan counts them)
+        target_log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -log_softmax.exp().mul_(log_softmax).sum(-1)
 
         def scatter(x):  # back to (batch, positions), zero where there is no label, like TRL's head
             return x.new_zeros(mask.shape).masked_scatter(mask, x)

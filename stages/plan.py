@@ -48,9 +48,10 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: toke
 # Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
 # temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
 CPU_TILE_COPIES = 7.5
-# loss_head=compact (stages.lm_head) holds [labelled tokens, vocab] logits: the compute-dtype output, its fp32 copy,
-# the log-softmax autograd saves and the entropy metric's two temporaries (bytes per token and vocabulary entry).
-COMPACT_BYTES = {"half": 18, "fp32": 16}
+# loss_head=compact (stages.lm_head) at its peak (backward): the saved log-softmax, its gradient, the logits'
+# gradient and its compute-dtype copy. Measured peak RSS per [labelled token x vocab] entry: 12.7 (bf16 autocast)
+# and 12.9 (fp32), 4096 and 8192 tokens x 8192 vocab.
+COMPACT_BYTES = 13
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def activation_bytes_per_token(shape: Shape, precision: str) -> tuple[float, flo
 def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, seq_len: int, device: str,
              kind: str = "sft", gradient_checkpointing: bool = False, packed: bool = False,
              total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0,
-             loss_head: str = "fused") -> dict:
+             loss_head: str = "fused", labelled_share: float = 1.0) -> dict:
     """Peak training memory in MiB by component, and the total.
 
     kind: "sft" (SFTTrainer: cpt, sft, rft, distill sequence; fused LM head), "pairs" (DPO/ORPO: chosen and
@@ -145,6 +146,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
     total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
     loss_head: "fused" (TRL's tiled head) or "compact" (stages.lm_head: plain logits where a label is).
+    labelled_share: the share of tokens that carry a label (SFT's completions), which compact projects.
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
     """
     total = total_params if total_params is not None else shape.params()
@@ -179,8 +181,9 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     lm_head = 0.0
     if kind != "reward":
         tile = min(tokens, LM_TILE_TOKENS) * min(shape.vocab, LM_TILE_VOCAB)
-        if loss_head == "compact":  # every token counted as labelled: an upper bound for prompt-masked SFT
-            lm_head = tokens * shape.vocab * COMPACT_BYTES["half" if half else "fp32"] + tokens * shape.hidden * 4
+        if loss_head == "compact":
+            labelled = tokens * labelled_share
+            lm_head = labelled * shape.vocab * COMPACT_BYTES + tokens * shape.hidden * 4
         elif device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
             lm_head = tile * (2 if half else 4) + tokens * shape.hidden * 4
         else:
@@ -220,6 +223,16 @@ def _longest_row(trainer, cap: int | None) -> int | None:
         return cap
     longest = max(lengths)
     return min(longest, cap) if cap else longest
+
+
+def _labelled_share(trainer) -> float:
+    """Share of training tokens with a loss (TRL's completion_mask); 1.0 where every token has one."""
+    ds = getattr(trainer, "train_dataset", None)
+    if "completion_mask" not in (getattr(ds, "column_names", None) or []):
+        return 1.0
+    masks = ds["completion_mask"]
+    total = sum(len(m) for m in masks)
+    return sum(sum(m) for m in masks) / total if total else 1.0
 
 
 def _modules(trainer):
@@ -290,7 +303,7 @@ def trainer_estimate(trainer) -> dict:
     return estimate(shape, method=method, adapter=adapter, precision=precision, batch=args.per_device_train_batch_size,
                     seq_len=seq, device=device, kind=kind, gradient_checkpointing=bool(args.gradient_checkpointing),
                     packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra,
-                    loss_head=getattr(base, "loss_head", "fused"))
+                    loss_head=getattr(base, "loss_head", "fused"), labelled_share=_labelled_share(trainer))
 
 
 @dataclass(frozen=True)

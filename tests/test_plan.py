@@ -105,7 +105,7 @@ def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
 
 
 def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
-    """With loss_head=compact the plan counts [tokens, vocab] logits instead of TRL's fused tiles."""
+    """With loss_head=compact the plan counts [labelled tokens, vocab] logits instead of TRL's fused tiles."""
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -118,7 +118,9 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, tie_word_embeddings=True))
-    ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n))} for n in (20, 30, 40)])
+    # half of every row is a loss-masked prompt: compact projects only the other half
+    ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n)), "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)}
+                            for n in (20, 30, 40)])
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, report_to=[],
                      use_cpu=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
@@ -126,8 +128,7 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
     assert set_loss_head(trainer, "compact") == "compact"
     compact = trainer_estimate(trainer)
     tokens = compact["tokens"]
-    per_entry = COMPACT_BYTES["half" if args.bf16 else "fp32"]
-    expected = (tokens * 512 * per_entry + tokens * 32 * 4 + 512 * 32 * 4) / MiB
+    expected = (tokens * 0.5 * 512 * COMPACT_BYTES + tokens * 32 * 4 + 512 * 32 * 4) / MiB
     assert compact["lm_head"] == pytest.approx(expected) and compact["lm_head"] != pytest.approx(fused)
 
 
