@@ -213,12 +213,16 @@ def _longest_row(trainer, cap: int | None) -> int | None:
     ds = getattr(trainer, "train_dataset", None)
     columns = getattr(ds, "column_names", None) or []
     lengths = []
-    for col in ("input_ids", "chosen_input_ids", "rejected_input_ids", "completion_input_ids"):
-        if col in columns:
-            lengths.append(max((len(x) for x in ds[col]), default=0))
-    if "prompt_input_ids" in columns and "chosen_input_ids" in columns:  # DPO: prompt + answer in one row
-        lengths.append(max(len(p) + max(len(c), len(r)) for p, c, r in
-                           zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])))
+    # TRL 1.x names (reward: chosen_ids / rejected_ids; DPO: prompt_ids + chosen_ids / rejected_ids), then 0.x's
+    for prompt, chosen, rejected, single in (("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids"),
+                                             ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                                              "completion_input_ids")):
+        for col in ("input_ids", chosen, rejected, single):
+            if col in columns:
+                lengths.append(max((len(x) for x in ds[col]), default=0))
+        if prompt in columns and chosen in columns:  # DPO: prompt + answer in one row
+            lengths.append(max(len(p) + max(len(c), len(r)) for p, c, r in
+                               zip(ds[prompt], ds[chosen], ds[rejected])))
     if not lengths:
         return cap
     longest = max(lengths)

@@ -145,3 +145,26 @@ def test_cpu_peak_window_forgets_what_came_before_it():
     in_use = reset_peak_memory()
     assert peak_memory_mb() < in_use + 100, "the 400 MiB freed before the window still counts"
     del small
+
+
+def test_trainer_estimate_reads_the_longest_pair_of_a_reward_dataset(tmp_path):
+    """TRL 1.x names a reward dataset's columns chosen_ids / rejected_ids; the plan pads to the longest, not to
+    max_length (it read only the 0.x names and planned every pair at max_length: 2x on the default)."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.plan import trainer_estimate
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                                       pad_token_id=0))
+    ds = Dataset.from_list([{"chosen_ids": list(range(4, 4 + n)), "rejected_ids": list(range(4, 4 + n + 3))}
+                            for n in (5, 9, 12)])
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=256, report_to=[],
+                        use_cpu=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
+    assert trainer_estimate(trainer)["tokens"] == 2 * 2 * 15  # chosen + rejected of a batch of 2, longest 15
