@@ -317,3 +317,22 @@ def test_sample_preference_pairs_never_repeat_the_chosen_reply():
     rng = random.Random(0)
     pairs = [preference(rng) for _ in range(20_000)]
     assert all(chosen != rejected for _, chosen, rejected in pairs)
+
+
+def test_sample_corpus_states_arithmetic_facts_without_giving_the_answer_first():
+    """With "7 plus 4 is 11. 7 + 4 = 11." cpt learned to copy 11, not to add, and sft never learned the word
+    problems. Each fact must stand alone (no "a plus b is c" before it) and be right."""
+    import random
+    import re
+
+    from stages.sample import corpus_doc
+
+    rng = random.Random(0)
+    facts = 0
+    for _ in range(300):
+        doc = corpus_doc(rng)
+        assert " plus " not in doc and " minus " not in doc
+        for a, op, b, result in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", doc):
+            facts += 1
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert facts > 200
