@@ -20,10 +20,11 @@ def workdir_from(src: Path, path: Path, **overrides) -> Path:
 
 
 COT = "data/cot.jsonl"
-# an sft model that has memorised four word problems, so some of its samples are right
+# an sft model that has memorised four word problems well enough that most, not all, samples at
+# temperature 1 are right (measured: 25 of 32; 100 steps got none right after the corpus changed)
 MEMORISE = {"train_file": COT, "eval_file": COT,
-            "train": {"max_steps": 100, "learning_rate": 1e-2, "batch_size": 4, "save_steps": 200}}
-RFT = {"train_file": COT, "num_samples": 8, "temperature": 0.5, "max_new_tokens": 64}
+            "train": {"max_steps": 200, "learning_rate": 1e-2, "batch_size": 4, "save_steps": 200}}
+RFT = {"train_file": COT, "num_samples": 8, "temperature": 1.0, "max_new_tokens": 64}
 
 
 def test_right_samples_are_kept_and_trained_on(lifecycle, tmp_path):
