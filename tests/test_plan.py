@@ -102,6 +102,10 @@ def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
         assert m["plan_estimate_mb"] > 0 and m["train_peak_memory_mb"] > 0, stage
         assert m["plan_error_pct"] == pytest.approx(
             100 * (m["plan_estimate_mb"] - m["train_peak_memory_mb"]) / m["train_peak_memory_mb"])
+        # the first step's peak is taken during training: above nothing, at most the whole run's
+        assert 0 < m["first_step_peak_memory_mb"] <= m["train_peak_memory_mb"], stage
+        assert m["plan_error_first_step_pct"] == pytest.approx(
+            100 * (m["plan_estimate_mb"] - m["first_step_peak_memory_mb"]) / m["first_step_peak_memory_mb"])
 
 
 def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
