@@ -20,11 +20,13 @@ CHOICES = ("auto", "fused", "compact")
 ROW_BUCKET = 64  # labelled rows are padded to a multiple of this (few distinct shapes)
 
 
-def resolve(choice: str) -> str:
+def resolve(choice: str, device: str | None = None) -> str:
+    """The head `choice` means on `device` ("cuda" | "cpu"; default: this machine's)."""
     if choice not in CHOICES:
         raise ValueError(f"loss_head must be one of {CHOICES}, got {choice!r}")
     if choice == "auto":
-        return "fused" if torch.cuda.is_available() else "compact"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return "fused" if device == "cuda" else "compact"
     return choice
 
 

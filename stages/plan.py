@@ -387,11 +387,6 @@ def stage_kind(stage: str, section: dict) -> str:
     return "sft"
 
 
-def _loss_head_for(device: str, choice: str) -> str:
-    """loss_head as stages.lm_head would resolve it on `device`."""
-    return ("fused" if device == "cuda" else "compact") if choice == "auto" else choice
-
-
 def resolve_for(device: str, precision: str) -> str:
     """precision as the stage would resolve it on `device` (auto: bf16 where it is native)."""
     from stages.common import cpu_has_bf16
@@ -404,6 +399,7 @@ def resolve_for(device: str, precision: str) -> str:
 def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_len: int | None,
          batch: int | None) -> list[dict]:
     from stages.config import AdapterConfig, TrainConfig, build
+    from stages.lm_head import resolve as resolve_loss_head
 
     rows = []
     for stage in stages:
@@ -426,7 +422,7 @@ def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_le
             kw = dict(method=method, adapter=adapter, precision=precision, seq_len=seq, device=device, kind=kind,
                       gradient_checkpointing=train.gradient_checkpointing, extra_frozen_params=ref,
                       packed=stage == "cpt" or bool(section.get("packing")),
-                      loss_head=_loss_head_for(device, section.get("loss_head", "fused")))
+                      loss_head=resolve_loss_head(section.get("loss_head", "fused"), device))
             est = estimate(shape, batch=b, **kw)
             rows.append({"stage": stage, "model": source, "params": shape.params(), "method": method,
                          "configured": method == getattr(adapter, "method", "full"), "precision": precision,

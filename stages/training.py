@@ -132,8 +132,8 @@ class MemoryWindow:
     runtime baseline (RSS before training minus the models' own bytes), i.e. models + what training allocates,
     which is what the plan estimates. plan_error_pct = (estimate - measured) / measured.
     first_step_peak_memory_mb / plan_error_first_step_pct: the same after the first optimizer step. On CPU the
-    two differ by what the runtime keeps as batch shapes vary (glibc's freed-but-held heap, oneDNN's primitive
-    cache): measured on the default sft, RSS at step 200 is ~150 MiB above step 1's with the same tensors.
+    two differ mostly by what the runtime keeps as batch shapes vary (glibc's freed-but-held heap, oneDNN's
+    primitive cache): probed on the default sft, peak RSS at step 200 was ~200 MiB above step 1's.
     """
 
     def __init__(self, trainer):

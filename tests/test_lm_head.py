@@ -71,3 +71,10 @@ def test_unknown_loss_head_is_refused():
 
     with pytest.raises(ValueError, match="loss_head must be one of"):
         resolve("liger")
+
+
+def test_auto_means_the_fused_kernel_on_a_gpu_and_compact_on_cpu():
+    from stages.lm_head import resolve
+
+    assert resolve("auto", "cuda") == "fused" and resolve("auto", "cpu") == "compact"
+    assert resolve("fused", "cpu") == "fused" and resolve("compact", "cuda") == "compact"

@@ -172,3 +172,33 @@ def test_trainer_estimate_reads_the_longest_pair_of_a_reward_dataset(tmp_path):
                         use_cpu=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
     assert trainer_estimate(trainer)["tokens"] == 2 * 2 * 15  # chosen + rejected of a batch of 2, longest 15
+
+
+def test_first_step_peak_is_taken_after_the_first_step_only(tmp_path):
+    """A larger allocation in step 2 raises the whole run's peak, not the first step's."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.training import MemoryWindow
+
+    class AllocateInStepTwo(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # step 2 begins
+                big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+                del big
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64))
+    ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n))} for n in (20, 30, 40, 50)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=2,
+                     report_to=[], use_cpu=True, save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer(),
+                         callbacks=[AllocateInStepTwo()])
+    window = MemoryWindow(trainer)
+    trainer.train()
+    m = window.metrics()
+    assert m["train_peak_memory_mb"] - m["first_step_peak_memory_mb"] > 250
