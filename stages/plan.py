@@ -138,7 +138,7 @@ def activation_bytes_per_token(shape: Shape, precision: str) -> tuple[float, flo
 def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, seq_len: int, device: str,
              kind: str = "sft", gradient_checkpointing: bool = False, packed: bool = False,
              total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0,
-             loss_head: str = "fused", labelled_share: float = 1.0) -> dict:
+             loss_head: str = "fused", labelled_tokens: int | None = None) -> dict:
     """Peak training memory in MiB by component, and the total.
 
     kind: "sft" (SFTTrainer: cpt, sft, rft, distill sequence; fused LM head), "pairs" (DPO/ORPO: chosen and
@@ -146,7 +146,8 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
     total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
     loss_head: "fused" (TRL's tiled head) or "compact" (stages.lm_head: plain logits where a label is).
-    labelled_share: the share of tokens that carry a label (SFT's completions), which compact projects.
+    labelled_tokens: the most tokens with a label (SFT's completions) one batch can hold, which compact
+    projects (default: every token of the batch).
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
     """
     total = total_params if total_params is not None else shape.params()
@@ -182,7 +183,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     if kind != "reward":
         tile = min(tokens, LM_TILE_TOKENS) * min(shape.vocab, LM_TILE_VOCAB)
         if loss_head == "compact":
-            labelled = tokens * labelled_share
+            labelled = min(tokens, labelled_tokens) if labelled_tokens is not None else tokens
             lm_head = labelled * shape.vocab * COMPACT_BYTES + tokens * shape.hidden * 4
         elif device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
             lm_head = tile * (2 if half else 4) + tokens * shape.hidden * 4
@@ -229,14 +230,21 @@ def _longest_row(trainer, cap: int | None) -> int | None:
     return min(longest, cap) if cap else longest
 
 
-def _labelled_share(trainer) -> float:
-    """Share of training tokens with a loss (TRL's completion_mask); 1.0 where every token has one."""
+def _labelled_tokens(trainer, batch: int, cap: int | None) -> int | None:
+    """Most labelled tokens one batch can hold: the `batch` rows with the most labels (within max_length).
+
+    TRL 1.x leaves `labels` (-100 where there is no loss: prompt, padding) in the tokenised dataset; a
+    `completion_mask` (1 = loss) where a dataset brings its own. None where neither is there (all count).
+    """
     ds = getattr(trainer, "train_dataset", None)
-    if "completion_mask" not in (getattr(ds, "column_names", None) or []):
-        return 1.0
-    masks = ds["completion_mask"]
-    total = sum(len(m) for m in masks)
-    return sum(sum(m) for m in masks) / total if total else 1.0
+    columns = getattr(ds, "column_names", None) or []
+    if "labels" in columns:
+        counts = [sum(1 for x in row[:cap] if x != -100) for row in ds["labels"]]
+    elif "completion_mask" in columns:
+        counts = [sum(row[:cap]) for row in ds["completion_mask"]]
+    else:
+        return None
+    return sum(sorted(counts)[-batch:])
 
 
 def _modules(trainer):
@@ -307,7 +315,8 @@ def trainer_estimate(trainer) -> dict:
     return estimate(shape, method=method, adapter=adapter, precision=precision, batch=args.per_device_train_batch_size,
                     seq_len=seq, device=device, kind=kind, gradient_checkpointing=bool(args.gradient_checkpointing),
                     packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra,
-                    loss_head=getattr(base, "loss_head", "fused"), labelled_share=_labelled_share(trainer))
+                    loss_head=getattr(base, "loss_head", "fused"),
+                    labelled_tokens=_labelled_tokens(trainer, args.per_device_train_batch_size, max_length))
 
 
 @dataclass(frozen=True)

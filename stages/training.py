@@ -143,10 +143,11 @@ class MemoryWindow:
         from stages.plan import MiB, module_bytes, resident_modules, trainer_estimate
 
         try:
-            self.plan = trainer_estimate(trainer)["total"]
+            self.plan_parts = trainer_estimate(trainer)  # by component: what a mismatch is read against
+            self.plan = self.plan_parts["total"]
         except Exception as e:  # the estimate is advisory: a model it cannot read must not stop training
             print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
-            self.plan = None
+            self.plan_parts, self.plan = None, None
         in_use = reset_peak_memory()
         self.baseline = 0.0 if torch.cuda.is_available() else in_use - module_bytes(*resident_modules(trainer)) / MiB
         self.first_step = None

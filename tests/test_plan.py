@@ -126,14 +126,45 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
     ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n)), "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)}
                             for n in (20, 30, 40)])
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, report_to=[],
-                     use_cpu=True)
+                     use_cpu=True, completion_only_loss=True)  # as stages.sft sets it (else TRL labels every token)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
     fused = trainer_estimate(trainer)["lm_head"]
     assert set_loss_head(trainer, "compact") == "compact"
     compact = trainer_estimate(trainer)
     tokens = compact["tokens"]
-    expected = (tokens * 0.5 * 512 * COMPACT_BYTES + tokens * 32 * 4 + 512 * 32 * 4) / MiB
+    labelled = 20 + 15  # a batch of 2 holds at most the two rows with the most labels (40 -> 20, 30 -> 15)
+    expected = (labelled * 512 * COMPACT_BYTES + tokens * 32 * 4 + 512 * 32 * 4) / MiB
     assert compact["lm_head"] == pytest.approx(expected) and compact["lm_head"] != pytest.approx(fused)
+
+
+def test_compact_head_plan_counts_the_labels_trl_leaves_after_tokenising(tmp_path):
+    """Prompt/completion rows (the sft stage's form): TRL 1.x tokenises them into input_ids + labels (-100 on
+    the prompt), with no completion_mask left; the plan must count the completion tokens, not every token."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.lm_head import set_loss_head
+    from stages.plan import COMPACT_BYTES, MiB, trainer_estimate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, tie_word_embeddings=True))
+    tokenizer = build_tokenizer()
+    ds = Dataset.from_list([{"prompt": "a " * 30, "completion": "b " * n} for n in (2, 3, 5)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, report_to=[],
+                     use_cpu=True, completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    rows = trainer.train_dataset
+    assert "completion_mask" not in rows.column_names and "labels" in rows.column_names
+    counts = sorted(sum(1 for x in labels if x != -100) for labels in rows["labels"])
+    assert 0 < counts[-1] < max(len(ids) for ids in rows["input_ids"])  # the prompt carries no loss
+    assert set_loss_head(trainer, "compact") == "compact"
+    est = trainer_estimate(trainer)
+    head = (sum(counts[-2:]) * 512 * COMPACT_BYTES + est["tokens"] * 32 * 4 + 512 * 32 * 4) / MiB
+    assert est["lm_head"] == pytest.approx(head)
 
 
 def test_cpu_peak_window_forgets_what_came_before_it():
