@@ -140,18 +140,14 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
 def test_compact_head_plan_counts_the_labels_trl_leaves_after_tokenising(tmp_path):
     """Prompt/completion rows (the sft stage's form): TRL 1.x tokenises them into input_ids + labels (-100 on
     the prompt), with no completion_mask left; the plan must count the completion tokens, not every token."""
-    import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
     from stages.lm_head import set_loss_head
     from stages.plan import COMPACT_BYTES, MiB, trainer_estimate
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, tie_word_embeddings=True))
+    model = tiny_llama()  # only planned, never run: the tokenizer's ids need not fit its vocabulary
     tokenizer = build_tokenizer()
     ds = Dataset.from_list([{"prompt": "a " * 30, "completion": "b " * n} for n in (2, 3, 5)])
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, report_to=[],
@@ -163,7 +159,8 @@ def test_compact_head_plan_counts_the_labels_trl_leaves_after_tokenising(tmp_pat
     assert 0 < counts[-1] < max(len(ids) for ids in rows["input_ids"])  # the prompt carries no loss
     assert set_loss_head(trainer, "compact") == "compact"
     est = trainer_estimate(trainer)
-    head = (sum(counts[-2:]) * 512 * COMPACT_BYTES + est["tokens"] * 32 * 4 + 512 * 32 * 4) / MiB
+    v, h = SHAPE.vocab, SHAPE.hidden
+    head = (sum(counts[-2:]) * v * COMPACT_BYTES + est["tokens"] * h * 4 + v * h * 4) / MiB
     assert est["lm_head"] == pytest.approx(head)
 
 
