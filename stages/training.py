@@ -134,6 +134,10 @@ class MemoryWindow:
     first_step_peak_memory_mb / plan_error_first_step_pct: the same after the first optimizer step. On CPU the
     two differ mostly by what the runtime keeps as batch shapes vary (glibc's freed-but-held heap, oneDNN's
     primitive cache): probed on the default sft, peak RSS at step 200 was ~200 MiB above step 1's.
+    first_step_tensor_peak_mb / plan_error_tensor_pct: the most bytes live tensors held during the first step,
+    the quantity CUDA's max allocated counts and the plan models. On CPU torch keeps no allocator statistics,
+    so the first step runs under torch.profiler(profile_memory=True): the most it allocated and held at once,
+    plus the models' own bytes (as CUDA counts the weights); on CUDA it is the first step's max allocated.
     """
 
     def __init__(self, trainer):
@@ -149,8 +153,10 @@ class MemoryWindow:
             print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
             self.plan_parts, self.plan = None, None
         in_use = reset_peak_memory()
-        self.baseline = 0.0 if torch.cuda.is_available() else in_use - module_bytes(*resident_modules(trainer)) / MiB
+        self.models_mb = module_bytes(*resident_modules(trainer)) / MiB
+        self.baseline = 0.0 if torch.cuda.is_available() else in_use - self.models_mb
         self.first_step = None
+        self.first_step_tensors = None
         trainer.add_callback(_first_step_peak(self))
 
     def measured(self) -> float:
@@ -161,19 +167,60 @@ class MemoryWindow:
     def metrics(self) -> dict:
         measured = self.measured()
         first = self.first_step if self.first_step is not None else measured  # no step ran (resumed at the end)
+        tensors = self.first_step_tensors
         return {"train_peak_memory_mb": measured, "plan_estimate_mb": self.plan, "plan_error_pct": self._error(measured),
-                "first_step_peak_memory_mb": first, "plan_error_first_step_pct": self._error(first)}
+                "first_step_peak_memory_mb": first, "plan_error_first_step_pct": self._error(first),
+                "first_step_tensor_peak_mb": tensors,
+                "plan_error_tensor_pct": None if tensors is None else self._error(tensors)}
 
     def _error(self, measured: float) -> float | None:
         return None if self.plan is None else 100 * (self.plan - measured) / measured
 
 
 def _first_step_peak(window: MemoryWindow):
+    import torch
     from transformers import TrainerCallback
 
     class FirstStepPeak(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if window.first_step is None and self.profiler is None and not torch.cuda.is_available():
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                self.profiler.__enter__()
+
         def on_step_end(self, args, state, control, **kwargs):
-            if window.first_step is None:
-                window.first_step = window.measured()
+            if window.first_step is not None:
+                return
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                peak = _allocated_peak_mb(self.profiler)  # what the step allocated; the models were there before
+                window.first_step_tensors = None if peak is None else peak + window.models_mb
+                self.profiler = None
+            elif torch.cuda.is_available():
+                window.first_step_tensors = torch.cuda.max_memory_allocated() / 2**20
+            window.first_step = window.measured()
 
     return FirstStepPeak()
+
+
+def _allocated_peak_mb(profiler) -> float | None:
+    """Most MiB of CPU memory allocated during a torch.profiler(profile_memory=True) window and held at once.
+
+    c10's CPU allocator reports each allocation's running total of what was allocated inside the window and
+    is still live; its maximum is the window's peak. (A private torch API: if it moves, the metric is missing.)
+    """
+    try:
+        peak, stack = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            fields = node.extra_fields
+            if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+                peak = max(peak, fields.total_allocated)
+        return peak / 2**20
+    except Exception as e:
+        print(f"[plan] no first-step tensor peak: {type(e).__name__}: {e}", flush=True)
+        return None

@@ -106,6 +106,7 @@ def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
         assert 0 < m["first_step_peak_memory_mb"] <= m["train_peak_memory_mb"], stage
         assert m["plan_error_first_step_pct"] == pytest.approx(
             100 * (m["plan_estimate_mb"] - m["first_step_peak_memory_mb"]) / m["first_step_peak_memory_mb"])
+        assert m["first_step_tensor_peak_mb"] > 0, stage  # the stage's own first step, profiled
 
 
 def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
@@ -230,3 +231,35 @@ def test_first_step_peak_is_taken_after_the_first_step_only(tmp_path):
     trainer.train()
     m = window.metrics()
     assert m["train_peak_memory_mb"] - m["first_step_peak_memory_mb"] > 250
+
+
+def test_first_step_tensor_peak_counts_what_the_step_holds_at_once(tmp_path):
+    """On CPU the first step's tensor peak comes from torch's allocator (under the profiler), not from RSS: a
+    200 MiB tensor made and freed inside step 1 shows up in it, on top of the models' own bytes."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.training import MemoryWindow
+
+    class AllocateInStepOne(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                big = torch.empty(200 * 2**20 // 4)  # never touched: RSS would not see it, the allocator does
+                del big
+
+    ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n))} for n in (20, 30, 40, 50)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=2,
+                     report_to=[], use_cpu=True, save_strategy="no")
+    trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=ds, processing_class=build_tokenizer(),
+                         callbacks=[AllocateInStepOne()])
+    window = MemoryWindow(trainer)
+    trainer.train()
+    m = window.metrics()
+    step = m["first_step_tensor_peak_mb"] - window.models_mb
+    assert 200 <= step < 230, m  # the 200 MiB, plus what a 2-row step of a tiny model holds
+    assert m["plan_error_tensor_pct"] == pytest.approx(
+        100 * (m["plan_estimate_mb"] - m["first_step_tensor_peak_mb"]) / m["first_step_tensor_peak_mb"])
+
