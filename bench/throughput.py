@@ -217,7 +217,7 @@ def worker(a) -> dict:
               "peak_memory_mb": peak, "rss_before_train_mb": rss_before, "bf16": bool(args.bf16),
               "train_peak_memory_mb": mem["train_peak_memory_mb"], "plan_estimate_mb": mem["plan_estimate_mb"],
               "first_step_peak_memory_mb": mem["first_step_peak_memory_mb"], "plan_parts_mb": memory.plan_parts,
-              "first_step_tensor_peak_mb": mem["first_step_tensor_peak_mb"],
+              "tensor_peak_mb": mem["tensor_peak_mb"],
               "settings": settings, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():
         from trl.trainer.utils import get_peak_flops
@@ -266,7 +266,7 @@ def compare(a) -> dict:
                 results[stage][v].append(res)
                 print(f"  {stage} {v:22s} repeat {r + 1}: {res['tokens_per_s']:8.0f} tokens/s, "
                       f"{res['train_wall_s']:.1f}s, peak {res['train_peak_memory_mb']:.0f} MiB (plan {res['plan_estimate_mb']:.0f}; "
-                      f"first-step tensors {res['first_step_tensor_peak_mb'] or 0:.0f}), "
+                      f"first-step tensors {res['tensor_peak_mb'] or 0:.0f}), "
                       f"load {res['load']:.1f}",
                       flush=True)
     print(f"\nload after {load()}\n")

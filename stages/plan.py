@@ -15,6 +15,8 @@ adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt
              gradient checkpointing keeps one hidden state per layer plus one layer's worth
   lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles), or
              with loss_head=compact (cpt/sft on CPU) the logits of the labelled tokens
+  runtime    CPU only: what peak RSS holds beyond the tensors (oneDNN scratch, allocator slack; see
+             CPU_RUNTIME_LAYERS); `tensors` = total - runtime, what CUDA's max allocated counts
 and the largest batch that fits `--budget-gib`. Every training stage also logs `plan_estimate_mb` next to its
 measured `train_peak_memory_mb` (stages.training.train_with_resume calls `trainer_estimate`).
 """
@@ -41,9 +43,14 @@ HEAD_PER_H = 12  # final norm and the hidden states the fused LM head keeps, fp3
 # DoRA keeps the weight-norm terms). freeze is handled exactly: only the top k layers save anything.
 METHOD_ACT = {"full": 1.0, "freeze": 1.0, "lora": 0.9, "qlora": 0.9, "dora": 1.8, "ia3": 1.15,
               "prompt_tuning": 1.15, "prefix_tuning": 1.15, "p_tuning": 1.15}
-# Besides what it saves, the forward holds the temporaries of the layer it is in (norm upcasts, MLP products):
-# measured as about 1.75 layers' worth of saved activations at the peak (Llama blocks, 2 shapes, fp32 and bf16).
-TRANSIENT_LAYERS = 1.75
+# Besides what it saves, the step holds the temporaries of the layer it is in (norm upcasts, MLP products):
+# tensors (torch.profiler's allocator totals, the quantity CUDA's max allocated counts), measured at 0.27 (fp32)
+# and 0.42 (bf16 autocast) layers' worth of saved activations (Llama 4 x 256 blocks, 2048 and 8192 tokens).
+TRANSIENT_LAYERS = 0.4
+# On CPU the peak RSS holds more than the tensors at the step's peak: oneDNN's scratchpads and reorders, and
+# the allocator's slack. Measured as 1.75 layers' worth in all (peak RSS of the same blocks), so 1.35 beyond
+# the tensors; the plan lists it as `runtime`. (What RSS gains later, as batch shapes vary, is not in it.)
+CPU_RUNTIME_LAYERS = 1.35
 LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: tokens x vocabulary columns per tile
 # Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
 # temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
@@ -174,6 +181,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     else:
         act = tokens * (layers_saving * layer * METHOD_ACT[method] + head)
     act += tokens * layer * TRANSIENT_LAYERS
+    runtime = tokens * layer * CPU_RUNTIME_LAYERS if device == "cpu" else 0.0
     if half:  # autocast keeps a half copy of each weight for the backward
         act += 2 * shape.linear_params() * layers_saving / shape.layers
     if not packed:  # SDPA keeps the padding mask, in the compute dtype, for each layer
@@ -191,9 +199,11 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
             lm_head = tile * ((2 if half else 4) + CPU_TILE_COPIES * 4) + tokens * shape.hidden * 4
         if method == "full":
             lm_head += shape.vocab * shape.hidden * 4  # the fp32 gradient of the (tied) head
-    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act, "lm_head": lm_head}
+    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act, "lm_head": lm_head,
+             "runtime": runtime}
     out = {k: v / MiB for k, v in parts.items()}
     out["total"] = sum(out.values())
+    out["tensors"] = out["total"] - out["runtime"]  # what CUDA's max allocated / the CPU tensor peak compare to
     out.update(trainable_params=train, total_params=total, tokens=tokens)
     return out
 
@@ -472,12 +482,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r0 = srows[0]
         print(f"\n## {stage}: {r0['model']}, {r0['params'] / 1e6:.1f} M params, {r0['precision']}, "
               f"batch {r0['batch']} x {r0['seq_len']} tokens\n")
-        print("| method | trainable | weights | grads | optimizer | activations | lm head | total | fits | "
+        print("| method | trainable | weights | grads | optimizer | activations | lm head | runtime | total | fits | "
               "max batch | max batch (grad ckpt) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in srows:
             print(f"| {r['method']}{' *' if r['configured'] else ''} | {r['trainable_params'] / 1e6:.2f} M | "
-                  + " | ".join(_gib(r[k]) for k in ("weights", "grads", "optimizer", "activations", "lm_head", "total"))
+                  + " | ".join(_gib(r[k]) for k in ("weights", "grads", "optimizer", "activations", "lm_head",
+                                                      "runtime", "total"))
                   + f" | {'yes' if r['fits'] else 'no'} | {r['max_batch']} | {r['max_batch_ckpt']} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

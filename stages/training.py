@@ -134,10 +134,10 @@ class MemoryWindow:
     first_step_peak_memory_mb / plan_error_first_step_pct: the same after the first optimizer step. On CPU the
     two differ mostly by what the runtime keeps as batch shapes vary (glibc's freed-but-held heap, oneDNN's
     primitive cache): probed on the default sft, peak RSS at step 200 was ~200 MiB above step 1's.
-    first_step_tensor_peak_mb / plan_error_tensor_pct: the most bytes live tensors held during the first step,
-    the quantity CUDA's max allocated counts and the plan models. On CPU torch keeps no allocator statistics,
-    so the first step runs under torch.profiler(profile_memory=True): the most it allocated and held at once,
-    plus the models' own bytes (as CUDA counts the weights); on CUDA it is the first step's max allocated.
+    tensor_peak_mb / plan_tensors_mb / plan_error_tensor_pct: the most bytes live tensors held during the first
+    TENSOR_STEPS steps, the quantity CUDA's max allocated counts, next to the plan less its CPU `runtime` part.
+    On CPU torch keeps no allocator statistics, so those steps run under torch.profiler(profile_memory=True):
+    the most they allocated and held at once, plus the models' own bytes (as CUDA counts the weights).
     """
 
     def __init__(self, trainer):
@@ -152,11 +152,12 @@ class MemoryWindow:
         except Exception as e:  # the estimate is advisory: a model it cannot read must not stop training
             print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
             self.plan_parts, self.plan = None, None
+        self.plan_tensors = self.plan_parts and self.plan_parts["tensors"]
         in_use = reset_peak_memory()
         self.models_mb = module_bytes(*resident_modules(trainer)) / MiB
         self.baseline = 0.0 if torch.cuda.is_available() else in_use - self.models_mb
         self.first_step = None
-        self.first_step_tensors = None
+        self.tensors = None
         trainer.add_callback(_first_step_peak(self))
 
     def measured(self) -> float:
@@ -167,14 +168,19 @@ class MemoryWindow:
     def metrics(self) -> dict:
         measured = self.measured()
         first = self.first_step if self.first_step is not None else measured  # no step ran (resumed at the end)
-        tensors = self.first_step_tensors
+        tensors = self.tensors
         return {"train_peak_memory_mb": measured, "plan_estimate_mb": self.plan, "plan_error_pct": self._error(measured),
                 "first_step_peak_memory_mb": first, "plan_error_first_step_pct": self._error(first),
-                "first_step_tensor_peak_mb": tensors,
-                "plan_error_tensor_pct": None if tensors is None else self._error(tensors)}
+                "tensor_peak_mb": tensors,
+                "plan_tensors_mb": self.plan_tensors,
+                "plan_error_tensor_pct": None if None in (tensors, self.plan_tensors)
+                else 100 * (self.plan_tensors - tensors) / tensors}
 
     def _error(self, measured: float) -> float | None:
         return None if self.plan is None else 100 * (self.plan - measured) / measured
+
+
+TENSOR_STEPS = 2  # the second step is the first with the optimizer's states in memory (AdamW makes them lazily)
 
 
 def _first_step_peak(window: MemoryWindow):
@@ -183,25 +189,33 @@ def _first_step_peak(window: MemoryWindow):
 
     class FirstStepPeak(TrainerCallback):
         profiler = None
+        steps = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if window.first_step is None and self.profiler is None and not torch.cuda.is_available():
+            if self.steps == 0 and self.profiler is None and not torch.cuda.is_available():
                 from torch.profiler import ProfilerActivity, profile
 
                 self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if window.first_step is not None:
-                return
+            self.steps += 1
+            if self.steps == 1:
+                window.first_step = window.measured()
+            if self.steps == TENSOR_STEPS:
+                self.stop()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.stop()  # a run shorter than TENSOR_STEPS
+
+        def stop(self):
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
-                peak = _allocated_peak_mb(self.profiler)  # what the step allocated; the models were there before
-                window.first_step_tensors = None if peak is None else peak + window.models_mb
+                peak = _allocated_peak_mb(self.profiler)  # what the steps allocated; the models were there before
+                window.tensors = None if peak is None else peak + window.models_mb
                 self.profiler = None
-            elif torch.cuda.is_available():
-                window.first_step_tensors = torch.cuda.max_memory_allocated() / 2**20
-            window.first_step = window.measured()
+            elif torch.cuda.is_available() and window.tensors is None:
+                window.tensors = torch.cuda.max_memory_allocated() / 2**20
 
     return FirstStepPeak()
 

@@ -51,7 +51,7 @@ def test_trainable_parameters_match_peft(method):
 def test_estimate_adds_up_and_moves_with_batch_method_and_checkpointing():
     kw = dict(adapter=adapter("full"), precision="fp32", seq_len=128, device="cpu")
     full = plan.estimate(SHAPE, method="full", batch=8, **kw)
-    parts = sum(full[k] for k in ("weights", "grads", "optimizer", "activations", "lm_head"))
+    parts = sum(full[k] for k in ("weights", "grads", "optimizer", "activations", "lm_head", "runtime"))
     assert full["total"] == pytest.approx(parts)
     n = SHAPE.params()
     assert full["grads"] * plan.MiB == pytest.approx(4 * n) and full["optimizer"] * plan.MiB == pytest.approx(8 * n)
@@ -106,7 +106,7 @@ def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
         assert 0 < m["first_step_peak_memory_mb"] <= m["train_peak_memory_mb"], stage
         assert m["plan_error_first_step_pct"] == pytest.approx(
             100 * (m["plan_estimate_mb"] - m["first_step_peak_memory_mb"]) / m["first_step_peak_memory_mb"])
-        assert m["first_step_tensor_peak_mb"] > 0, stage  # the stage's own first step, profiled
+        assert m["tensor_peak_mb"] > 0, stage  # the stage's own first steps, profiled
 
 
 def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
@@ -233,9 +233,9 @@ def test_first_step_peak_is_taken_after_the_first_step_only(tmp_path):
     assert m["train_peak_memory_mb"] - m["first_step_peak_memory_mb"] > 250
 
 
-def test_first_step_tensor_peak_counts_what_the_step_holds_at_once(tmp_path):
-    """On CPU the first step's tensor peak comes from torch's allocator (under the profiler), not from RSS: a
-    200 MiB tensor made and freed inside step 1 shows up in it, on top of the models' own bytes."""
+def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
+    """On CPU the tensor peak comes from torch's allocator (under the profiler), not from RSS: a 200 MiB tensor
+    made and freed inside step 1 shows up in it, on top of the models' own bytes."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -258,8 +258,17 @@ def test_first_step_tensor_peak_counts_what_the_step_holds_at_once(tmp_path):
     window = MemoryWindow(trainer)
     trainer.train()
     m = window.metrics()
-    step = m["first_step_tensor_peak_mb"] - window.models_mb
+    step = m["tensor_peak_mb"] - window.models_mb
     assert 200 <= step < 230, m  # the 200 MiB, plus what a 2-row step of a tiny model holds
+    assert m["plan_tensors_mb"] == pytest.approx(window.plan_parts["total"] - window.plan_parts["runtime"])
     assert m["plan_error_tensor_pct"] == pytest.approx(
-        100 * (m["plan_estimate_mb"] - m["first_step_tensor_peak_mb"]) / m["first_step_tensor_peak_mb"])
+        100 * (m["plan_tensors_mb"] - m["tensor_peak_mb"]) / m["tensor_peak_mb"])
+
+
+def test_runtime_part_is_cpu_only_and_tensors_are_the_rest():
+    kw = dict(method="full", adapter=adapter("full"), precision="bf16", batch=4, seq_len=128)
+    cpu, cuda = plan.estimate(SHAPE, device="cpu", **kw), plan.estimate(SHAPE, device="cuda", **kw)
+    assert cpu["runtime"] > 0 and cuda["runtime"] == 0
+    assert cpu["tensors"] == pytest.approx(cpu["total"] - cpu["runtime"])
+    assert cuda["tensors"] == pytest.approx(cuda["total"])
 
