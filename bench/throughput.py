@@ -266,7 +266,7 @@ def compare(a) -> dict:
                 results[stage][v].append(res)
                 print(f"  {stage} {v:22s} repeat {r + 1}: {res['tokens_per_s']:8.0f} tokens/s, "
                       f"{res['train_wall_s']:.1f}s, peak {res['train_peak_memory_mb']:.0f} MiB (plan {res['plan_estimate_mb']:.0f}; "
-                      f"first-step tensors {res['tensor_peak_mb'] or 0:.0f}), "
+                      f"tensors {res['tensor_peak_mb'] or 0:.0f} vs plan {(res['plan_parts_mb'] or {}).get('tensors', 0):.0f}), "
                       f"load {res['load']:.1f}",
                       flush=True)
     print(f"\nload after {load()}\n")
