@@ -16,7 +16,8 @@ adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt
   lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles), or
              with loss_head=compact (cpt/sft on CPU) the logits of the labelled tokens
   runtime    CPU only: what peak RSS holds beyond the tensors (oneDNN scratch, allocator slack; see
-             CPU_RUNTIME_LAYERS); `tensors` = total - runtime, what CUDA's max allocated counts
+             CPU_RUNTIME_LAYERS), less what is allocated but never touched (the fused head's buffer past
+             the vocabulary); `tensors` = total - runtime, what CUDA's max allocated counts
 and the largest batch that fits `--budget-gib`. Every training stage also logs `plan_estimate_mb` next to its
 measured `train_peak_memory_mb` (stages.training.train_with_resume calls `trainer_estimate`).
 """
@@ -190,13 +191,17 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     lm_head = 0.0
     if kind != "reward":
         tile = min(tokens, LM_TILE_TOKENS) * min(shape.vocab, LM_TILE_VOCAB)
+        # TRL allocates its tile buffer LM_TILE_VOCAB columns wide whatever the vocabulary: allocated (CUDA's
+        # max allocated counts it), but on CPU the columns past the vocabulary are never touched, so not in RSS
+        buffer = min(tokens, LM_TILE_TOKENS) * LM_TILE_VOCAB * (2 if half else 4)
         if loss_head == "compact":
             labelled = min(tokens, labelled_tokens) if labelled_tokens is not None else tokens
             lm_head = labelled * shape.vocab * COMPACT_BYTES + tokens * shape.hidden * 4
         elif device == "cuda":  # Triton folds the tile in place; the gradient GEMMs accumulate in fp32
-            lm_head = tile * (2 if half else 4) + tokens * shape.hidden * 4
+            lm_head = buffer + tokens * shape.hidden * 4
         else:
-            lm_head = tile * ((2 if half else 4) + CPU_TILE_COPIES * 4) + tokens * shape.hidden * 4
+            lm_head = buffer + tile * CPU_TILE_COPIES * 4 + tokens * shape.hidden * 4
+            runtime -= buffer - tile * (2 if half else 4)
         if method == "full":
             lm_head += shape.vocab * shape.hidden * 4  # the fp32 gradient of the (tied) head
     parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act, "lm_head": lm_head,

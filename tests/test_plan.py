@@ -266,9 +266,24 @@ def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
 
 
 def test_runtime_part_is_cpu_only_and_tensors_are_the_rest():
-    kw = dict(method="full", adapter=adapter("full"), precision="bf16", batch=4, seq_len=128)
+    kw = dict(method="full", adapter=adapter("full"), precision="bf16", batch=4, seq_len=128, loss_head="compact")
     cpu, cuda = plan.estimate(SHAPE, device="cpu", **kw), plan.estimate(SHAPE, device="cuda", **kw)
     assert cpu["runtime"] > 0 and cuda["runtime"] == 0
     assert cpu["tensors"] == pytest.approx(cpu["total"] - cpu["runtime"])
     assert cuda["tensors"] == pytest.approx(cuda["total"])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_head_buffer_is_a_full_tile_wide_whatever_the_vocabulary(device):
+    """TRL allocates [min(tokens, 4096), 32768] for its tile even for a 320-word vocabulary: the tensors count all
+    of it; on CPU the columns past the vocabulary are never touched, so the RSS total does not."""
+    kw = dict(method="full", adapter=adapter("full"), precision="bf16", batch=4, seq_len=128, loss_head="fused")
+    est = plan.estimate(SHAPE, device=device, **kw)
+    tokens = 4 * 128
+    buffer = tokens * plan.LM_TILE_VOCAB * 2 / plan.MiB
+    assert est["lm_head"] >= buffer
+    if device == "cpu":
+        untouched = tokens * (plan.LM_TILE_VOCAB - SHAPE.vocab) * 2 / plan.MiB
+        compact = plan.estimate(SHAPE, device=device, **{**kw, "loss_head": "compact"})  # the same runtime, no buffer
+        assert compact["runtime"] - est["runtime"] == pytest.approx(untouched)
 
