@@ -7,7 +7,8 @@ Reads params.yaml (never writes): for each training stage, its model's shape (co
 Hugging Face model, or `base.tiny` before the base stage has run), precision, batch size, max_length and
 adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning) it prints
   weights    all parameters as loaded (fp32; qlora: 4-bit linear layers) + a frozen reference where TRL keeps one
-  grads      fp32, trainable parameters only
+  grads      fp32, trainable parameters only; with one micro-batch per step backward makes them as it frees the
+             activations (zero_grad drops them), so only what they exceed the activations and head by counts
   optimizer  AdamW: two fp32 states per trainable parameter
   activations what autograd saves for backward: per token and layer from the shape (coefficients measured on
              Llama/Qwen blocks, fp32 and bf16 autocast; see ACT_*), x tokens in the largest batch, times the
@@ -146,7 +147,7 @@ def activation_bytes_per_token(shape: Shape, precision: str) -> tuple[float, flo
 def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, seq_len: int, device: str,
              kind: str = "sft", gradient_checkpointing: bool = False, packed: bool = False,
              total_params: int | None = None, trainable: int | None = None, extra_frozen_params: int = 0,
-             loss_head: str = "fused", labelled_tokens: int | None = None) -> dict:
+             loss_head: str = "fused", labelled_tokens: int | None = None, grad_accum: int = 1) -> dict:
     """Peak training memory in MiB by component, and the total.
 
     kind: "sft" (SFTTrainer: cpt, sft, rft, distill sequence; fused LM head), "pairs" (DPO/ORPO: chosen and
@@ -157,6 +158,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     labelled_tokens: the most tokens with a label (SFT's completions) one batch can hold, which compact
     projects (default: every token of the batch).
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
+    grad_accum: micro-batches per optimizer step; above 1 the gradients live through the next backward.
     """
     total = total_params if total_params is not None else shape.params()
     train = trainable if trainable is not None else trainable_params(shape, method, adapter)
@@ -204,6 +206,8 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
             runtime -= buffer - tile * (2 if half else 4)
         if method == "full":
             lm_head += shape.vocab * shape.hidden * 4  # the fp32 gradient of the (tied) head
+    if grad_accum == 1:  # the peak is at the start of backward (activations, head) or its end (all gradients)
+        grads = max(0.0, grads - (act + lm_head))
     parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act, "lm_head": lm_head,
              "runtime": runtime}
     out = {k: v / MiB for k, v in parts.items()}
@@ -330,7 +334,7 @@ def trainer_estimate(trainer) -> dict:
     return estimate(shape, method=method, adapter=adapter, precision=precision, batch=args.per_device_train_batch_size,
                     seq_len=seq, device=device, kind=kind, gradient_checkpointing=bool(args.gradient_checkpointing),
                     packed=packed, total_params=total, trainable=trainable, extra_frozen_params=extra,
-                    loss_head=getattr(base, "loss_head", "fused"),
+                    loss_head=getattr(base, "loss_head", "fused"), grad_accum=args.gradient_accumulation_steps,
                     labelled_tokens=_labelled_tokens(trainer, args.per_device_train_batch_size, max_length))
 
 
@@ -445,6 +449,7 @@ def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_le
                 ref = stage_model_shape_teacher(params).params()
             kw = dict(method=method, adapter=adapter, precision=precision, seq_len=seq, device=device, kind=kind,
                       gradient_checkpointing=train.gradient_checkpointing, extra_frozen_params=ref,
+                      grad_accum=train.grad_accum,
                       packed=stage == "cpt" or bool(section.get("packing")),
                       loss_head=resolve_loss_head(section.get("loss_head", "fused"), device))
             est = estimate(shape, batch=b, **kw)
