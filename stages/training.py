@@ -152,13 +152,12 @@ class MemoryWindow:
         except Exception as e:  # the estimate is advisory: a model it cannot read must not stop training
             print(f"[plan] no memory estimate for this run: {type(e).__name__}: {e}", flush=True)
             self.plan_parts, self.plan = None, None
-        self.plan_tensors = self.plan_parts and self.plan_parts["tensors"]
         in_use = reset_peak_memory()
         self.models_mb = module_bytes(*resident_modules(trainer)) / MiB
         self.baseline = 0.0 if torch.cuda.is_available() else in_use - self.models_mb
         self.first_step = None
         self.tensors = None
-        trainer.add_callback(_first_step_peak(self))
+        trainer.add_callback(_early_peaks(self))
 
     def measured(self) -> float:
         from stages.common import peak_memory_mb
@@ -168,26 +167,28 @@ class MemoryWindow:
     def metrics(self) -> dict:
         measured = self.measured()
         first = self.first_step if self.first_step is not None else measured  # no step ran (resumed at the end)
-        tensors = self.tensors
-        return {"train_peak_memory_mb": measured, "plan_estimate_mb": self.plan, "plan_error_pct": self._error(measured),
-                "first_step_peak_memory_mb": first, "plan_error_first_step_pct": self._error(first),
-                "tensor_peak_mb": tensors,
-                "plan_tensors_mb": self.plan_tensors,
-                "plan_error_tensor_pct": None if None in (tensors, self.plan_tensors)
-                else 100 * (self.plan_tensors - tensors) / tensors}
+        plan_tensors = self.plan_parts and self.plan_parts["tensors"]
+        return {"train_peak_memory_mb": measured, "plan_estimate_mb": self.plan,
+                "plan_error_pct": _error(self.plan, measured),
+                "first_step_peak_memory_mb": first, "plan_error_first_step_pct": _error(self.plan, first),
+                "tensor_peak_mb": self.tensors, "plan_tensors_mb": plan_tensors,
+                "plan_error_tensor_pct": _error(plan_tensors, self.tensors)}
 
-    def _error(self, measured: float) -> float | None:
-        return None if self.plan is None else 100 * (self.plan - measured) / measured
+
+def _error(plan: float | None, measured: float | None) -> float | None:
+    """(plan - measured) / measured, in %; None where either is missing."""
+    return None if plan is None or measured is None else 100 * (plan - measured) / measured
 
 
 TENSOR_STEPS = 2  # the second step is the first with the optimizer's states in memory (AdamW makes them lazily)
 
 
-def _first_step_peak(window: MemoryWindow):
+def _early_peaks(window: MemoryWindow):
+    """Callback: RSS after the first step; the tensor peak of the first TENSOR_STEPS steps."""
     import torch
     from transformers import TrainerCallback
 
-    class FirstStepPeak(TrainerCallback):
+    class EarlyPeaks(TrainerCallback):
         profiler = None
         steps = 0
 
@@ -217,7 +218,7 @@ def _first_step_peak(window: MemoryWindow):
             elif torch.cuda.is_available() and window.tensors is None:
                 window.tensors = torch.cuda.max_memory_allocated() / 2**20
 
-    return FirstStepPeak()
+    return EarlyPeaks()
 
 
 def _allocated_peak_mb(profiler) -> float | None:
@@ -236,5 +237,5 @@ def _allocated_peak_mb(profiler) -> float | None:
                 peak = max(peak, fields.total_allocated)
         return peak / 2**20
     except Exception as e:
-        print(f"[plan] no first-step tensor peak: {type(e).__name__}: {e}", flush=True)
+        print(f"[plan] no tensor peak for this run: {type(e).__name__}: {e}", flush=True)
         return None
