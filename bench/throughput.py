@@ -216,7 +216,7 @@ def worker(a) -> dict:
               "step_s": wall / a.steps, "params": n_params, "tflops": 6 * n_params * tps / 1e12,
               "peak_memory_mb": peak, "rss_before_train_mb": rss_before, "bf16": bool(args.bf16),
               "train_peak_memory_mb": mem["train_peak_memory_mb"], "plan_estimate_mb": mem["plan_estimate_mb"],
-              "first_step_peak_memory_mb": mem["first_step_peak_memory_mb"], "plan_parts_mb": memory.plan_parts,
+              "early_peak_memory_mb": mem["early_peak_memory_mb"], "plan_parts_mb": memory.plan_parts,
               "tensor_peak_mb": mem["tensor_peak_mb"],
               "settings": settings, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if torch.cuda.is_available():

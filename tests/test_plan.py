@@ -112,10 +112,10 @@ def test_training_stages_log_the_plan_next_to_their_measured_peak(lifecycle):
         assert m["plan_estimate_mb"] > 0 and m["train_peak_memory_mb"] > 0, stage
         assert m["plan_error_pct"] == pytest.approx(
             100 * (m["plan_estimate_mb"] - m["train_peak_memory_mb"]) / m["train_peak_memory_mb"])
-        # the first step's peak is taken during training: above nothing, at most the whole run's
-        assert 0 < m["first_step_peak_memory_mb"] <= m["train_peak_memory_mb"], stage
-        assert m["plan_error_first_step_pct"] == pytest.approx(
-            100 * (m["plan_estimate_mb"] - m["first_step_peak_memory_mb"]) / m["first_step_peak_memory_mb"])
+        # the early peak is taken during training: above nothing, at most the whole run's
+        assert 0 < m["early_peak_memory_mb"] <= m["train_peak_memory_mb"], stage
+        assert m["plan_error_early_pct"] == pytest.approx(
+            100 * (m["plan_estimate_mb"] - m["early_peak_memory_mb"]) / m["early_peak_memory_mb"])
         assert m["tensor_peak_mb"] > 0, stage  # the stage's own first steps, profiled
 
 
@@ -213,34 +213,56 @@ def test_trainer_estimate_reads_the_longest_pair_of_a_reward_dataset(tmp_path):
     assert trainer_estimate(trainer)["tokens"] == 2 * 2 * 15  # chosen + rejected of a batch of 2, longest 15
 
 
-def test_first_step_peak_is_taken_after_the_first_step_only(tmp_path):
-    """A larger allocation in step 2 raises the whole run's peak, not the first step's."""
+def _train_tiny_sft(tmp_path, max_steps, allocate_at_step, mib=300):
+    """Train a tiny SFT run that makes (and frees) a touched `mib` MiB tensor in step `allocate_at_step`."""
     import torch
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
     from stages.training import MemoryWindow
 
-    class AllocateInStepTwo(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1:  # step 2 begins
-                big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+    class Allocate(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == allocate_at_step - 1:  # inside that step
+                big = torch.ones(mib * 2**20 // 4)  # touched: RSS sees it
                 del big
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64))
     ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n))} for n in (20, 30, 40, 50)])
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=2,
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=max_steps,
                      report_to=[], use_cpu=True, save_strategy="no")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer(),
-                         callbacks=[AllocateInStepTwo()])
+    trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=ds, processing_class=build_tokenizer(),
+                         callbacks=[Allocate()])
     window = MemoryWindow(trainer)
     trainer.train()
-    m = window.metrics()
-    assert m["train_peak_memory_mb"] - m["first_step_peak_memory_mb"] > 250
+    return window.metrics()
+
+
+def test_early_peak_is_taken_through_the_early_steps_only(tmp_path):
+    """A larger allocation after step EARLY_STEPS raises the whole run's peak, not the early one."""
+    from stages.training import EARLY_STEPS
+
+    m = _train_tiny_sft(tmp_path, max_steps=EARLY_STEPS + 1, allocate_at_step=EARLY_STEPS + 1)
+    assert m["train_peak_memory_mb"] - m["early_peak_memory_mb"] > 250, m
+
+
+def test_rss_peak_leaves_out_the_profiled_steps(tmp_path):
+    """The profiler's event buffers are RSS too: on CPU the RSS window starts after the profiled steps, so what
+    step 1 held shows in the tensor peak and not in the RSS peak of a longer run."""
+    from stages.training import EARLY_STEPS
+
+    m = _train_tiny_sft(tmp_path, max_steps=EARLY_STEPS + 1, allocate_at_step=1)
+    assert m["tensor_peak_mb"] >= 300, m
+    assert m["train_peak_memory_mb"] < 250, m
+
+
+def test_a_run_no_longer_than_the_profiled_steps_keeps_its_rss_peak(tmp_path):
+    """With no step after the profiler's window, the RSS window is not restarted (it would measure nothing)."""
+    from stages.training import TENSOR_STEPS
+
+    m = _train_tiny_sft(tmp_path, max_steps=TENSOR_STEPS, allocate_at_step=TENSOR_STEPS)
+    assert m["train_peak_memory_mb"] >= 300 and m["early_peak_memory_mb"] == m["train_peak_memory_mb"], m
 
 
 def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
