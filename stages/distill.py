@@ -52,7 +52,6 @@ class DistillConfig:
     max_prompts: int  # cap on the distillation prompts (the first ones; repeats count)
     max_new_tokens: int  # length of the teacher's answers and of the student's on-policy samples
     gen_batch_size: int  # batch size of the teacher's answer generation
-    sampling: Literal["random", "group_by_length"]  # method=sequence: batch similar lengths (less padding), as sft
     student: StudentConfig
     logits: LogitsConfig
     train: TrainConfig
@@ -221,7 +220,7 @@ def _sequence_trainer(cfg, student, tokenizer, rows, ckpt_dir):
     from trl import SFTConfig, SFTTrainer
 
     args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
-                        completion_only_loss=True, train_sampling_strategy=cfg.sampling)
+                        completion_only_loss=True)
     return SFTTrainer(model=student, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 

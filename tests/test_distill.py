@@ -219,33 +219,3 @@ def test_cli_reports_bad_input_without_a_traceback(teacher, tmp_path):
     assert "distill: distill.teacher 'models/nope' not found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert_nothing_written(wd)
-
-
-def test_sequence_batches_follow_the_sampling_setting(teacher, tmp_path):
-    """group_by_length (the default) batches answers of similar length, the longest batch first (so the memory
-    window's first steps see the worst one); random batches pad more."""
-    import random
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from stages.config import load_config
-    from stages.distill import DistillConfig, _sequence_trainer
-    from stages.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(teacher / "models/sft"))
-    lengths = list(range(1, 41)) * 16  # short of max_length; enough rows for the sampler's mega-batches of 20
-    random.Random(0).shuffle(lengths)
-    rows = [{"prompt": [{"role": "user", "content": "say it"}],
-             "completion": [{"role": "assistant", "content": " ".join(["yes"] * n)}]} for n in lengths]
-    student = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                           num_attention_heads=2, intermediate_size=16))
-    padding, first = {}, {}
-    for sampling in ("group_by_length", "random"):
-        wd = make_workdir(tmp_path / sampling, distill_params(sampling=sampling))
-        cfg = load_config("distill", DistillConfig, wd / "params.yaml")
-        trainer = _sequence_trainer(cfg, student, tokenizer, rows, wd / "ckpt")
-        masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
-        padding[sampling] = sum(int((m == 0).sum()) for m in masks)
-        first[sampling] = masks[0].shape[1] == max(m.shape[1] for m in masks)
-    assert first["group_by_length"], first
-    assert padding["group_by_length"] < padding["random"] / 2, padding
