@@ -138,9 +138,10 @@ class MemoryWindow:
     early_peak_memory_mb / plan_error_early_pct: the same as train_peak_memory_mb through those steps. On CPU
     the early and whole-run peaks differ mostly by what the runtime keeps as batch shapes vary (glibc's
     freed-but-held heap, oneDNN's primitive cache): probed on the default sft, peak RSS at step 200 was ~200 MiB
-    above the early one. The profiler's own event buffers are RSS too and stay in the measure: on the
-    default's cpt +14 MiB (+9 %) on the whole-run peak; restarting the RSS window after the profiled steps
-    instead would miss the first batch, the longest with group_by_length (-19 % on the bench's SFT).
+    above the early one. The profiler's event buffers are RSS too and stay in the measure (on the default's cpt
+    +6 % on the whole-run peak); building its results afterwards took another ~40 MiB there, so the peak is
+    read before that and the window restarts after it. (Restarting it after the profiled steps
+    instead would miss the first batch, the longest with group_by_length: -19 % on the bench's SFT.)
     """
 
     def __init__(self, trainer):
@@ -160,12 +161,13 @@ class MemoryWindow:
         self.baseline = 0.0 if torch.cuda.is_available() else in_use - self.models_mb
         self.early = None
         self.tensors = None
+        self.profiled_peak = 0.0  # the profiled steps' peak RSS, read before the profiler's results are built
         trainer.add_callback(_early_peaks(self))
 
     def measured(self) -> float:
         from stages.common import peak_memory_mb
 
-        return peak_memory_mb() - self.baseline
+        return max(peak_memory_mb(), self.profiled_peak) - self.baseline
 
     def metrics(self) -> dict:
         measured = self.measured()
@@ -188,8 +190,12 @@ TENSOR_STEPS = 2  # the second step is the first with the optimizer's states in 
 
 def _early_peaks(window: MemoryWindow):
     """Callback: the tensor peak and the early peak, both of the first TENSOR_STEPS steps."""
+    import gc
+
     import torch
     from transformers import TrainerCallback
+
+    from stages.common import peak_memory_mb, reset_peak_memory
 
     class EarlyPeaks(TrainerCallback):
         profiler = None
@@ -213,10 +219,13 @@ def _early_peaks(window: MemoryWindow):
 
         def stop(self):
             if self.profiler is not None:
+                window.profiled_peak = peak_memory_mb()
                 self.profiler.__exit__(None, None, None)
                 peak = _allocated_peak_mb(self.profiler)  # what the steps allocated; the models were there before
                 window.tensors = None if peak is None else peak + window.models_mb
                 self.profiler = None
+                gc.collect()
+                reset_peak_memory()  # building the results above took RSS of its own: not training's
             elif torch.cuda.is_available() and window.tensors is None:
                 window.tensors = torch.cuda.max_memory_allocated() / 2**20
 
