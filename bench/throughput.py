@@ -200,7 +200,9 @@ def worker(a) -> dict:
         from stages.training import MemoryWindow
 
         rss_before = rss_mb()
-        memory = MemoryWindow(trainer)  # resets the peak; holds stages.plan's estimate for this run
+        # resets the peak; holds stages.plan's estimate for this run. Only the first two steps are profiled, in
+        # every variant: profiling later, longer batches would slow random-batch variants more than ours.
+        memory = MemoryWindow(trainer, profile_longer_batches=False)
         start = time.perf_counter()
         trainer.train()
         if torch.cuda.is_available():

@@ -24,6 +24,16 @@ def tiny_llama():
                                         intermediate_size=SHAPE.intermediate, tie_word_embeddings=True))
 
 
+def wide_llama():
+    """8.6 MiB of fp32 weights: AdamW's states (2 x 8.6 MiB) outweigh a tiny batch's activations."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=SHAPE.vocab, hidden_size=256, intermediate_size=1024,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+
+
 def adapter(method: str) -> AdapterConfig:
     return build(AdapterConfig, {**tiny_params()["sft"]["adapter"], "method": method}, "sft.adapter")
 
@@ -306,6 +316,79 @@ def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
     assert m["plan_tensors_mb"] == pytest.approx(window.plan_parts["total"] - window.plan_parts["runtime"])
     assert m["plan_error_tensor_pct"] == pytest.approx(
         100 * (m["plan_tensors_mb"] - m["tensor_peak_mb"]) / m["tensor_peak_mb"])
+
+
+def test_tensor_peak_covers_a_longer_batch_after_the_first_steps(tmp_path):
+    """With random batches the longest rows come late. A step whose batch is longer than every profiled one is
+    profiled too, and its peak counts what was live before it: the model and AdamW's two states. Here the
+    model's forward holds 200 MiB on batches longer than 40 tokens, and only step 4's batch is."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.plan import MiB
+    from stages.training import MemoryWindow
+
+    model = wide_llama()
+
+    def hold_on_long_batches(module, inputs, kwargs):
+        if kwargs["input_ids"].shape[1] > 40:
+            module.held = torch.empty(200 * 2**20 // 4)  # until the next forward: through this step's backward
+
+    model.register_forward_pre_hook(hold_on_long_batches, with_kwargs=True)
+    lengths = (20, 20, 30, 30, 10, 10, 50, 50, 10, 10)  # sequential batches of 2: step 4 is the long one
+    ds = Dataset.from_list([{"input_ids": list(range(4, 4 + n))} for n in lengths])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=5,
+                     report_to=[], use_cpu=True, save_strategy="no", train_sampling_strategy="sequential")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
+    window = MemoryWindow(trainer)
+    trainer.train()
+    m = window.metrics()
+    params_mb = sum(p.numel() * 4 for p in model.parameters()) / MiB
+    # steps 1-2 (rows of 20 and 30 tokens) in one window, then step 4 (50); not steps 3 and 5 (10)
+    assert m["tensor_profiled_windows"] == 2, m
+    in_step = m["tensor_peak_mb"] - window.models_mb - 2 * params_mb  # less what was live before step 4
+    assert params_mb + 200 <= in_step < params_mb + 205, (in_step, params_mb, m)  # its gradients and the 200
+
+
+def test_resumed_runs_tensor_peak_counts_the_loaded_optimizer_states_once(tmp_path):
+    """A resumed run loads AdamW's states before its first profiled step; a fresh run makes them inside it."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from bench.throughput import build_tokenizer
+    from stages.training import MemoryWindow
+
+    ds = Dataset.from_list([{"input_ids": list(range(4, 34))} for _ in range(20)])
+
+    def tensor_peak(max_steps, resume_from):
+        args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64,
+                         max_steps=max_steps, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2)
+        trainer = SFTTrainer(model=wide_llama(), args=args, train_dataset=ds, processing_class=build_tokenizer())
+        window = MemoryWindow(trainer)
+        trainer.train(resume_from_checkpoint=resume_from)
+        return window.metrics()["tensor_peak_mb"]
+
+    fresh = tensor_peak(2, None)
+    resumed = tensor_peak(4, str(tmp_path / "checkpoint-2"))
+    assert resumed == pytest.approx(fresh, abs=1.0)  # the states are 17 MiB
+
+
+def test_a_windows_tensor_peak_starts_from_what_it_sees_allocated():
+    """c10's running total keeps blocks freed while nothing profiled: a window's peak is read from its own start."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from stages.training import _allocated_peak_mb
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        earlier = torch.empty(50 * 2**20 // 4)
+    del earlier  # freed outside a window: the running total still holds its 50 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        block = torch.empty(10 * 2**20 // 4)
+        del block
+    assert _allocated_peak_mb(p) == pytest.approx(10, abs=0.5)
 
 
 def test_runtime_part_is_cpu_only_and_tensors_are_the_rest():
