@@ -318,10 +318,9 @@ def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
         100 * (m["plan_tensors_mb"] - m["tensor_peak_mb"]) / m["tensor_peak_mb"])
 
 
-def test_tensor_peak_covers_a_longer_batch_after_the_first_steps(tmp_path):
-    """With random batches the longest rows come late. A step whose batch is longer than every profiled one is
-    profiled too, and its peak counts what was live before it: the model and AdamW's two states. Here the
-    model's forward holds 200 MiB on batches longer than 40 tokens, and only step 4's batch is."""
+def _train_with_a_long_fourth_batch(tmp_path, **window_kwargs):
+    """Five sequential SFT steps on wide_llama whose forward holds 200 MiB on batches longer than 40 tokens;
+    only step 4's batch is. Returns the window's metrics, the window and the model's fp32 MiB."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -334,7 +333,7 @@ def test_tensor_peak_covers_a_longer_batch_after_the_first_steps(tmp_path):
 
     def hold_on_long_batches(module, inputs, kwargs):
         if kwargs["input_ids"].shape[1] > 40:
-            module.held = torch.empty(200 * 2**20 // 4)  # until the next forward: through this step's backward
+            module.held = torch.empty(200 * 2**20 // 4)  # kept on the module: live through this step's backward
 
     model.register_forward_pre_hook(hold_on_long_batches, with_kwargs=True)
     lengths = (20, 20, 30, 30, 10, 10, 50, 50, 10, 10)  # sequential batches of 2: step 4 is the long one
@@ -342,14 +341,26 @@ def test_tensor_peak_covers_a_longer_batch_after_the_first_steps(tmp_path):
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_length=64, max_steps=5,
                      report_to=[], use_cpu=True, save_strategy="no", train_sampling_strategy="sequential")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=build_tokenizer())
-    window = MemoryWindow(trainer)
+    window = MemoryWindow(trainer, **window_kwargs)
     trainer.train()
-    m = window.metrics()
-    params_mb = sum(p.numel() * 4 for p in model.parameters()) / MiB
+    return window.metrics(), window, sum(p.numel() * 4 for p in model.parameters()) / MiB
+
+
+def test_tensor_peak_covers_a_longer_batch_after_the_first_steps(tmp_path):
+    """With random batches the longest rows come late. A step whose batch is longer than every profiled one is
+    profiled too, and its peak counts what was live before it: the model and AdamW's two states."""
+    m, window, params_mb = _train_with_a_long_fourth_batch(tmp_path)
     # steps 1-2 (rows of 20 and 30 tokens) in one window, then step 4 (50); not steps 3 and 5 (10)
     assert m["tensor_profiled_windows"] == 2, m
     in_step = m["tensor_peak_mb"] - window.models_mb - 2 * params_mb  # less what was live before step 4
     assert params_mb + 200 <= in_step < params_mb + 205, (in_step, params_mb, m)  # its gradients and the 200
+
+
+def test_throughput_bench_window_profiles_the_first_steps_only(tmp_path):
+    """bench.throughput times stock TRL's random batches next to ours: no variant may pay for later windows."""
+    m, _, _ = _train_with_a_long_fourth_batch(tmp_path, profile_longer_batches=False)
+    assert m["tensor_profiled_windows"] == 1, m
+    assert m["tensor_peak_mb"] < 100, m  # step 4's 200 MiB is not in it
 
 
 def test_resumed_runs_tensor_peak_counts_the_loaded_optimizer_states_once(tmp_path):
