@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.attention import set_attention
+from stages.attention import resolve as resolve_attention, set_attention
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
 from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
 from stages.lm_head import set_loss_head
@@ -27,7 +27,8 @@ class SFTStageConfig:
     train_file: str
     eval_file: str
     packing: bool  # pack examples into max_length rows, padding-free (each example attends only to itself)
-    attention: Literal["auto", "sdpa", "eager", "sdpa_varlen", "flash_attention_2", "flash_attention_3"]
+    attention: Literal["auto", "sdpa", "eager", "sdpa_varlen", "torch_varlen", "flash_attention_2",
+                       "flash_attention_3"]
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
     sampling: Literal["random", "group_by_length"]  # group_by_length batches similar lengths: less padding
     adapter: AdapterConfig
@@ -57,12 +58,13 @@ def run(cfg: SFTStageConfig) -> dict:
     from trl import SFTTrainer
 
     set_seed(cfg.seed)
+    attention = resolve_attention(cfg.attention, cfg.packing)  # a kernel this machine lacks stops here, first
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
     ckpt_dir, resume = prepare_checkpoints("sft", fingerprint(cfg, inputs))
     with stage_run("sft", cfg, inputs=inputs):
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
-        set_attention(model, cfg.attention, cfg.packing)
+        set_attention(model, attention, cfg.packing)
         apply_freeze(model, cfg.adapter)
         if (pc := peft_config(cfg.adapter)) is not None:
             model = get_peft_model(model, pc)

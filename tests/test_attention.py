@@ -58,6 +58,40 @@ def test_packed_batch_trains_exactly_like_the_padded_batch():
         torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch_varlen is PyTorch's FlashAttention: CUDA only")
+def test_torch_varlen_packed_batch_trains_like_the_padded_batch_on_a_gpu():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from stages.attention import set_attention, torch_varlen_problem
+
+    assert torch_varlen_problem() is None
+    rows = _examples()
+    padded = {k: v.cuda() for k, v in DataCollatorForLanguageModeling(pad_token_id=0)(rows).items()}
+    packed = {k: v.cuda() for k, v in DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows).items()}
+    model = _model().to("cuda", torch.bfloat16).train()  # GQA: 4 query heads, 2 key/value heads
+    loss_padded, grads_padded = _loss_and_grads(model, padded)
+    assert set_attention(model, "auto", packing=True) == "torch_varlen"
+    loss_packed, grads_packed = _loss_and_grads(model, packed)
+
+    assert loss_packed == pytest.approx(loss_padded, rel=2e-2)  # bf16: FlashAttention and SDPA round differently
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=2e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU error")
+def test_torch_varlen_without_a_gpu_stops_sft_before_anything_is_written(lifecycle, tmp_path):
+    import shutil
+
+    workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "attention": "torch_varlen",
+                                                            "out_dir": "models/sft_tv"}))
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
+    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt")
+    with pytest.raises(ValueError, match=r"attention: torch_varlen cannot run here: it needs a CUDA GPU"):
+        run_stage("sft", workdir)
+    assert not (workdir / "models/sft_tv").exists() and not (workdir / "metrics/sft.json").exists()
+    assert not (workdir / "checkpoints/sft").exists() and not (tmp_path / "mlflow.db").exists()  # no MLflow run
+
+
 def test_packed_rows_without_cu_seq_lens_are_split_by_position_ids():
     from stages.attention import set_attention
 
