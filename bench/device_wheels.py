@@ -36,11 +36,12 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64"]
 
 
-def pinned() -> list[str]:
-    missing = [name for name in CARRY if not _installed(name)]
+def pinned(names: list[str]) -> list[str]:
+    """`name==version` for each distribution, at the version installed in this environment."""
+    missing = [name for name in names if not _installed(name)]
     if missing:
         raise SystemExit(f"not installed in this environment: {', '.join(missing)} (run `make install` first)")
-    return [f"{name}=={md.version(name)}" for name in CARRY] + EXTRA
+    return [f"{name}=={md.version(name)}" for name in names]
 
 
 def _installed(name: str) -> bool:
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     parser.add_argument("--dest", default=str(REPO / ".whl"))
     args = parser.parse_args()
-    requirements = pinned()
+    requirements = pinned(CARRY) + EXTRA
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
