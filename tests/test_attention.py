@@ -1,4 +1,5 @@
-"""sdpa_varlen: a packed (padding-free) batch trains exactly like the padded one, and nothing else changes."""
+"""sdpa_varlen (and torch_varlen on a GPU): a packed (padding-free) batch trains exactly like the padded one, and
+nothing else changes."""
 
 from __future__ import annotations
 
