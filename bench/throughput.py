@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +71,8 @@ def build_model(shape: dict, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    if torch.cuda.is_available():  # initialise on the GPU: 494 M parameters' random init takes ~15 s on its CPU
+        torch.set_default_device("cuda")
     cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if shape["arch"] == "qwen2" else (LlamaForCausalLM, LlamaConfig)
     config = config_cls(
         vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
@@ -77,7 +80,36 @@ def build_model(shape: dict, seed: int):
         intermediate_size=shape["intermediate"], max_position_embeddings=max(shape["max_length"], 2048),
         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
-    return cls(config)
+    model = cls(config)
+    torch.set_default_device(None)
+    return model
+
+
+def step_clock(trainer):
+    """A TrainerCallback whose `marks` get (wall time, SFTTrainer's running count of real tokens) at each step's
+    end, so that the steps after a warm-up (CUDA/Triton kernel compilation and autotuning, allocator growth)
+    can be timed apart from it."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append((time.perf_counter(), trainer._total_train_tokens))
+
+    return StepClock()
+
+
+def steady_tokens_per_s(marks: list[tuple[float, int]], warmup_steps: int) -> float | None:
+    """Real tokens per second over the steps after the first `warmup_steps` (at least 1)."""
+    if not 1 <= warmup_steps < len(marks):
+        return None
+    (t0, n0), (t1, n1) = marks[warmup_steps - 1], marks[-1]
+    return (n1 - n0) / (t1 - t0)
 
 
 def build_tokenizer():
@@ -145,6 +177,8 @@ def ours_args(stage: str, out: str, steps: int, batch: int, max_length: int, ove
         set_override(params, assignment)
     module, cls = (sft, sft.SFTStageConfig) if stage == "sft" else (cpt, cpt.CPTConfig)
     cfg = load_config(stage, cls, params=params)
+    if any(a.startswith(f"{stage}.train.batch_size=") for a in overrides):
+        batch = cfg.train.batch_size  # an ablation of the token batch (e.g. --ablate train.batch_size=32)
     train = dataclasses.replace(cfg.train, max_steps=steps, batch_size=batch, max_length=max_length,
                                 logging_steps=steps, save_steps=steps * 1000)
     cfg = dataclasses.replace(cfg, train=train)
@@ -179,10 +213,10 @@ def worker(a) -> dict:
         if a.variant.startswith("ours"):  # "ours" or an ablation "ours@train.precision=fp32,sampling=random"
             extra = [f"{a.stage}.{x}" for x in a.variant.partition("@")[2].split(",") if x]
             args, cfg = ours_args(a.stage, out, a.steps, a.batch, shape["max_length"], (a.set or []) + extra)
-            settings = {"precision": cfg.train.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            settings = {"batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+                        "gradient_checkpointing": cfg.train.gradient_checkpointing,
                         **({"packing": cfg.packing, "sampling": cfg.sampling} if a.stage == "sft" else
                            {"packing": "wrapped"})}
-            settings.update({k: getattr(cfg.train, k) for k in ("torch_compile",) if hasattr(cfg.train, k)})
         else:
             args = stock_args(a.variant, out, a.steps, a.batch, shape["max_length"], a.seed)
             settings = STOCK[a.variant]
@@ -203,6 +237,8 @@ def worker(a) -> dict:
         # resets the peak; holds stages.plan's estimate for this run. Only the first two steps are profiled, in
         # every variant: profiling later, longer batches would slow random-batch variants more than ours.
         memory = MemoryWindow(trainer, profile_longer_batches=False)
+        clock = step_clock(trainer)
+        trainer.add_callback(clock)
         start = time.perf_counter()
         trainer.train()
         if torch.cuda.is_available():
@@ -212,9 +248,11 @@ def worker(a) -> dict:
     from stages.common import peak_memory_mb
 
     tps = tokens / wall
+    steady = steady_tokens_per_s(clock.marks, a.warmup_steps)
     peak = peak_memory_mb()
     mem = memory.metrics()
     result = {"variant": a.variant, "stage": a.stage, "tokens": tokens, "train_wall_s": wall, "tokens_per_s": tps,
+              "steady_tokens_per_s": steady, "warmup_steps": a.warmup_steps,
               "step_s": wall / a.steps, "params": n_params, "tflops": 6 * n_params * tps / 1e12,
               "peak_memory_mb": peak, "rss_before_train_mb": rss_before, "bf16": bool(args.bf16),
               "train_peak_memory_mb": mem["train_peak_memory_mb"], "plan_estimate_mb": mem["plan_estimate_mb"],
@@ -226,6 +264,7 @@ def worker(a) -> dict:
 
         peak_flops = get_peak_flops(torch.cuda.get_device_name(0), "bfloat16" if args.bf16 else "float32")
         result["mfu_pct"] = 100 * 6 * n_params * tps / peak_flops if peak_flops else None
+        result["steady_mfu_pct"] = 100 * 6 * n_params * steady / peak_flops if peak_flops and steady else None
     return result
 
 
@@ -261,12 +300,21 @@ def compare(a) -> dict:
             order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always runs first
             for v in order:
                 args = ["--worker", "--stage", stage, "--variant", v, "--shape", shape, "--steps", str(a.steps),
+                        "--warmup-steps", str(a.warmup_steps),
                         "--batch", str(a.batch), "--examples", str(a.examples), "--seed", str(a.seed)]
                 args += [x for s in a.set or [] for x in ("--set", s)]
-                res = run_worker("bench.throughput", args, env={"TOKENIZERS_PARALLELISM": "false"})
+                try:
+                    res = run_worker("bench.throughput", args, env={"TOKENIZERS_PARALLELISM": "false"},
+                                     timeout=a.worker_timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:  # e.g. out of memory: report, go on
+                    print(f"  {stage} {v:22s} repeat {r + 1}: FAILED: {str(e)[-1500:]}", flush=True)
+                    continue
                 res["load"] = os.getloadavg()[0]
                 results[stage][v].append(res)
-                print(f"  {stage} {v:22s} repeat {r + 1}: {res['tokens_per_s']:8.0f} tokens/s, "
+                if a.json:  # partial results survive a run cut short
+                    Path(a.json).write_text(json.dumps({"machine": machine(), "partial": results}, default=str))
+                print(f"  {stage} {v:22s} repeat {r + 1}: {res['tokens_per_s']:8.0f} tokens/s "
+                      f"(after step {a.warmup_steps}: {res['steady_tokens_per_s'] or 0:.0f}), "
                       f"{res['train_wall_s']:.1f}s, peak {res['train_peak_memory_mb']:.0f} MiB (plan {res['plan_estimate_mb']:.0f}; "
                       f"tensors {res['tensor_peak_mb'] or 0:.0f} vs plan {(res['plan_parts_mb'] or {}).get('tensors', 0):.0f}), "
                       f"load {res['load']:.1f}",
@@ -274,20 +322,29 @@ def compare(a) -> dict:
     print(f"\nload after {load()}\n")
     summary = {}
     for stage, by_variant in results.items():
+        by_variant = {v: runs for v, runs in by_variant.items() if runs}  # a variant that failed every time
         base = median([r["tokens_per_s"] for r in by_variant.get("trl_default", [])])
         stock = {v: median([r["tokens_per_s"] for r in runs]) for v, runs in by_variant.items() if v.startswith("trl")}
         best_stock = max(stock, key=stock.get) if stock else None
+        steady_base = median([r["steady_tokens_per_s"] for r in by_variant.get("trl_default", [])
+                              if r.get("steady_tokens_per_s")])
         rows = []
         for v, runs in by_variant.items():
             tps = [r["tokens_per_s"] for r in runs]
             mfu = [r["mfu_pct"] for r in runs if r.get("mfu_pct") is not None]
+            steady = [r["steady_tokens_per_s"] for r in runs if r.get("steady_tokens_per_s")]
+            steady_mfu = [r["steady_mfu_pct"] for r in runs if r.get("steady_mfu_pct") is not None]
             rows.append([v, median(tps), f"{min(tps):,.0f}-{max(tps):,.0f}", f"{median(tps) / base:.2f}x",
+                         median(steady) if steady else "n/a",
+                         f"{median(steady) / steady_base:.2f}x" if steady and steady_base else "n/a",
                          f"{median([r['step_s'] for r in runs]):.2f}", f"{median([r['tflops'] for r in runs]):.3f}",
-                         f"{median(mfu):.1f}" if mfu else "n/a", median([r["train_peak_memory_mb"] for r in runs]),
+                         f"{median(mfu):.1f}" if mfu else "n/a", f"{median(steady_mfu):.1f}" if steady_mfu else "n/a",
+                         median([r["train_peak_memory_mb"] for r in runs]),
                          median([r["plan_estimate_mb"] for r in runs]), "bf16" if runs[0]["bf16"] else "fp32"])
             summary.setdefault(stage, {})[v] = {"tokens_per_s": median(tps), "runs": runs}
         print(f"## {stage}: real tokens/s (median of {a.repeats})\n")
-        print(table(["variant", "tokens/s", "range", "vs trl_default", "s/step", "TFLOP/s", "MFU %",
+        print(table(["variant", "tokens/s", "range", "vs trl_default", f"after step {a.warmup_steps}",
+                     "vs trl_default", "s/step", "TFLOP/s", "MFU %", f"MFU % after step {a.warmup_steps}",
                      "peak MiB", "plan MiB", "precision"], rows))
         if "ours" in by_variant and best_stock:
             ours = median([r["tokens_per_s"] for r in by_variant["ours"]])
@@ -307,6 +364,8 @@ def main(argv=None):
     p.add_argument("--stages", nargs="+", default=["sft", "cpt"], choices=["sft", "cpt"])
     p.add_argument("--variants", nargs="+", help="subset of the variants (default: all that apply)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=int, help="steps left out of the steady tokens/s (default: steps // 6, "
+                   "at least 1)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--examples", type=int, default=2000, help="synthetic training examples")
@@ -314,11 +373,15 @@ def main(argv=None):
     p.add_argument("--set", action="append", help="params.yaml override for 'ours', e.g. sft.train.precision=fp32")
     p.add_argument("--ablate", action="append", help="add a variant: 'ours' with overrides of the stage's section, "
                    "e.g. --ablate train.precision=fp32 (comma-separate several)")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds one variant's process may take; a failed or timed-out run is reported and skipped")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.warmup_steps is None:
+        a.warmup_steps = max(1, a.steps // 6)
     if a.worker:
         print(json.dumps(worker(a)))
         return None

@@ -59,8 +59,16 @@ def torch_varlen_attention(module, query, key, value, attention_mask, dropout=0.
     from torch.nn.attention.varlen import varlen_attn
 
     packed_row = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1
-    lengths = _segment_lengths(kwargs, query.shape[2]) if packed_row else None
-    if lengths is None or len(lengths) == 1 or (dropout and module.training):  # the kernel takes no dropout
+    cu = kwargs.get("cu_seq_lens_q")
+    if packed_row and cu is not None:  # TRL's collator: boundaries already on the GPU, no host sync per layer
+        cu, longest = cu.to(torch.int32), kwargs.get("max_length_q")
+        longest = int(longest) if longest is not None else int(cu.diff().max())
+    elif packed_row and kwargs.get("position_ids") is not None:
+        lengths = _segment_lengths(kwargs, query.shape[2])
+        cu = torch.tensor([0, *lengths], device=query.device).cumsum(0).to(torch.int32)
+        longest = max(lengths)
+    # not a packed row, a CPU tensor (a model evaluated off the GPU) or dropout (the kernel takes none): SDPA
+    if cu is None or not packed_row or not query.is_cuda or (dropout and module.training):
         return sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
     # (1, heads, L, d) -> (L, heads, d); FlashAttention runs in half precision only
@@ -77,8 +85,6 @@ def torch_varlen_attention(module, query, key, value, attention_mask, dropout=0.
             extra["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    cu = torch.tensor([0, *lengths], device=q.device).cumsum(0).to(torch.int32)
-    longest = max(lengths)
     out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, **extra)
     return out.to(query.dtype)[None], None
 

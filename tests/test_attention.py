@@ -40,7 +40,7 @@ def _loss_and_grads(model, batch):
 def test_packed_batch_trains_exactly_like_the_padded_batch():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from stages.attention import set_attention
+    from stages.attention import set_attention, torch_varlen_problem
 
     rows = _examples()
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
@@ -51,7 +51,8 @@ def test_packed_batch_trains_exactly_like_the_padded_batch():
     # (transformers builds its block mask only without a cache): a varlen path that fell back would fail here.
     model = _model().train()
     loss_padded, grads_padded = _loss_and_grads(model, padded)
-    assert set_attention(model, "auto", packing=True) == "sdpa_varlen"
+    # on a GPU machine auto picks torch_varlen, which hands a CPU model's packed rows to sdpa_varlen
+    assert set_attention(model, "auto", packing=True) == ("sdpa_varlen" if torch_varlen_problem() else "torch_varlen")
     loss_packed, grads_packed = _loss_and_grads(model, packed)
 
     assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
@@ -67,8 +68,11 @@ def test_torch_varlen_packed_batch_trains_like_the_padded_batch_on_a_gpu():
 
     assert torch_varlen_problem() is None
     rows = _examples()
-    padded = {k: v.cuda() for k, v in DataCollatorForLanguageModeling(pad_token_id=0)(rows).items()}
-    packed = {k: v.cuda() for k, v in DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows).items()}
+    def on_gpu(batch):  # the padding-free batch also holds ints (max_length_q / max_length_k)
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    padded = on_gpu(DataCollatorForLanguageModeling(pad_token_id=0)(rows))
+    packed = on_gpu(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows))
     model = _model().to("cuda", torch.bfloat16).train()  # GQA: 4 query heads, 2 key/value heads
     loss_padded, grads_padded = _loss_and_grads(model, padded)
     assert set_attention(model, "auto", packing=True) == "torch_varlen"

@@ -24,3 +24,27 @@ def test_a_distribution_missing_here_stops_before_any_download():
 
     with pytest.raises(SystemExit, match=r"not installed in this environment: no-such-dist-xyz"):
         pinned(["trl", "no-such-dist-xyz"])
+
+
+def test_steady_tokens_per_s_leaves_the_warm_up_steps_out():
+    from bench.throughput import steady_tokens_per_s
+
+    # step ends at (seconds, tokens so far): a 10 s first step (kernel compilation), then 1,000 tokens a second
+    marks = [(10.0, 100), (11.0, 1100), (12.0, 2100), (13.0, 3100)]
+    assert steady_tokens_per_s(marks, 1) == pytest.approx(1000.0)
+    assert steady_tokens_per_s(marks, 4) is None  # no step left after the warm-up
+    assert steady_tokens_per_s(marks, 0) is None  # the first step's start is not marked
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(capsys):
+    """A variant that fails (out of memory on a GPU, a bad setting) must not lose the rest of a long GPU run;
+    an ablation of train.batch_size trains with that batch instead of --batch."""
+    from bench.throughput import main
+
+    summary = main(["--shape", "tiny", "--steps", "2", "--repeats", "1", "--stages", "sft",
+                    "--variants", "ours@attention=no-such-kernel", "ours@train.batch_size=2"])
+    out = capsys.readouterr().out
+    assert "ours@attention=no-such-kernel repeat 1: FAILED" in out and "sft.attention" in out
+    (run,) = summary["sft"]["ours@train.batch_size=2"]["runs"]
+    assert run["settings"]["batch_size"] == 2 and run["tokens"] > 0
+    assert "ours@attention=no-such-kernel" not in summary["sft"]
