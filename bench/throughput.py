@@ -104,6 +104,37 @@ def step_clock(trainer):
     return StepClock()
 
 
+def step_profiler(first_step: int, steps: int, out_file: Path):
+    """A TrainerCallback that runs torch.profiler over `steps` steps from `first_step` (after the warm-up) and
+    writes the ops that took the most device time (CPU time without a GPU) to `out_file`."""
+    import torch
+    from transformers import TrainerCallback
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    class StepProfiler(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step:
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step == first_step + steps:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                table = self.profiler.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+                out_file.write_text(f"# steps {first_step + 1}-{first_step + steps}, sorted by {key}\n{table}\n")
+                self.profiler = None
+
+    return StepProfiler()
+
+
 def steady_tokens_per_s(marks: list[tuple[float, int]], warmup_steps: int) -> float | None:
     """Real tokens per second over the steps after the first `warmup_steps` (at least 1)."""
     if not 1 <= warmup_steps < len(marks):
@@ -239,6 +270,12 @@ def worker(a) -> dict:
         memory = MemoryWindow(trainer, profile_longer_batches=False)
         clock = step_clock(trainer)
         trainer.add_callback(clock)
+        if a.profile_dir:  # a few steps after the warm-up, outside the timed figures' interest: read, not compared
+            name = f"{a.stage}-{a.variant}".replace("@", "-").replace("=", "-").replace(",", "-")
+            from stages.training import TENSOR_STEPS  # the CPU memory window profiles those: one profiler at a time
+
+            first = max(a.warmup_steps, 0 if torch.cuda.is_available() else TENSOR_STEPS)
+            trainer.add_callback(step_profiler(first, 3, Path(a.profile_dir) / f"{name}.txt"))
         start = time.perf_counter()
         trainer.train()
         if torch.cuda.is_available():
@@ -303,6 +340,7 @@ def compare(a) -> dict:
                         "--warmup-steps", str(a.warmup_steps),
                         "--batch", str(a.batch), "--examples", str(a.examples), "--seed", str(a.seed)]
                 args += [x for s in a.set or [] for x in ("--set", s)]
+                args += ["--profile-dir", str(Path(a.profile_dir).resolve())] if a.profile_dir else []
                 try:
                     res = run_worker("bench.throughput", args, env={"TOKENIZERS_PARALLELISM": "false"},
                                      timeout=a.worker_timeout)
@@ -375,6 +413,8 @@ def main(argv=None):
                    "e.g. --ablate train.precision=fp32 (comma-separate several)")
     p.add_argument("--worker-timeout", type=float, default=None,
                    help="seconds one variant's process may take; a failed or timed-out run is reported and skipped")
+    p.add_argument("--profile-dir", help="write a torch.profiler table of 3 steps after the warm-up, per run, "
+                   "here (the profiled steps slow that run's figures)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)

@@ -48,3 +48,14 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(capsys):
     (run,) = summary["sft"]["ours@train.batch_size=2"]["runs"]
     assert run["settings"]["batch_size"] == 2 and run["tokens"] > 0
     assert "ours@attention=no-such-kernel" not in summary["sft"]
+
+
+def test_profile_dir_gets_a_table_of_the_steps_after_the_warm_up(tmp_path):
+    from bench.throughput import main
+
+    main(["--shape", "tiny", "--steps", "5", "--warmup-steps", "1", "--repeats", "1", "--stages", "cpt",
+          "--variants", "ours", "--profile-dir", str(tmp_path)])
+    (table,) = tmp_path.glob("*.txt")
+    text = table.read_text()
+    # the CPU memory window profiles steps 1-2 itself, so this one starts after them
+    assert table.name == "cpt-ours.txt" and text.startswith("# steps 3-5") and "aten::mm" in text
