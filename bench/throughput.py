@@ -6,7 +6,8 @@
 Each variant trains SFT (and CPT) with TRL's SFTTrainer for N steps in a fresh process of its own (clean
 peak memory), interleaved with the other variants and repeated; the table gives medians of real (non-pad)
 tokens per second, the achieved training FLOP/s (6 x params x tokens/s), MFU where the device has a known
-peak, and peak memory next to stages.plan's estimate.
+peak, and peak memory next to stages.plan's estimate. Tokens/s and MFU are given over the whole run and after
+the first --warmup-steps (kernel compilation and autotuning on a GPU).
 
 Variants:
   trl_default          SFTConfig with TRL's defaults (bf16 only where TRL turns it on: a bf16 GPU)

@@ -68,6 +68,7 @@ def test_torch_varlen_packed_batch_trains_like_the_padded_batch_on_a_gpu():
 
     assert torch_varlen_problem() is None
     rows = _examples()
+
     def on_gpu(batch):  # the padding-free batch also holds ints (max_length_q / max_length_k)
         return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -95,6 +96,24 @@ def test_torch_varlen_without_a_gpu_stops_sft_before_anything_is_written(lifecyc
         run_stage("sft", workdir)
     assert not (workdir / "models/sft_tv").exists() and not (workdir / "metrics/sft.json").exists()
     assert not (workdir / "checkpoints/sft").exists() and not (tmp_path / "mlflow.db").exists()  # no MLflow run
+
+
+def test_torch_varlen_hands_a_cpu_models_packed_rows_to_sdpa_varlen():
+    """On a GPU machine `auto` picks torch_varlen before the Trainer moves the model; a model still on the CPU
+    (evaluated or scored there) must not reach the CUDA-only kernel (NotImplementedError on the H100)."""
+    from stages.attention import TORCH_VARLEN, register
+
+    model = _model().eval()
+    seqs = [torch.randint(3, 97, (n,)) for n in (7, 12, 4)]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None]).logits[0] for s in seqs]
+        register()
+        model.set_attn_implementation(TORCH_VARLEN)  # what auto resolves to on a GPU machine
+        ids = torch.cat(seqs)[None]
+        positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        packed = model(input_ids=ids, position_ids=positions).logits[0].split([7, 12, 4])
+    for a, b in zip(alone, packed):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_rows_without_cu_seq_lens_are_split_by_position_ids():

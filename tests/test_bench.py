@@ -1,4 +1,5 @@
-"""bench.device_wheels: the wheels carried to a GPU machine are pinned at the versions CI installs."""
+"""bench.device_wheels: the wheels carried to a GPU machine are pinned at the versions CI installs.
+bench.throughput: tokens/s after the warm-up, a failing variant skipped, the batch ablation, the profile table."""
 
 from __future__ import annotations
 
