@@ -18,6 +18,8 @@ Variants:
   ours                 the stage's own SFTConfig: stages.sft.training_args / stages.cpt.training_args on the
                        params.yaml section (override with --set sft.train.batch_size=16 etc., like dvc exp -S);
                        only steps, batch size, max_length, logging and checkpointing are set by the bench.
+                       On a GPU with liger-kernel installed, `kernels: auto` gives it Liger's layer kernels
+                       (--ablate kernels=torch is the same run without them).
 
 The data is pre-tokenised and random (no tokenizer or download needed), with long-tailed lengths
 (log-normal, clipped to 32..max_length); SFT rows carry a prompt share whose loss is masked.
@@ -246,6 +248,7 @@ def worker(a) -> dict:
             extra = [f"{a.stage}.{x}" for x in a.variant.partition("@")[2].split(",") if x]
             args, cfg = ours_args(a.stage, out, a.steps, a.batch, shape["max_length"], (a.set or []) + extra)
             settings = {"batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+                        "kernels": "liger" if args.use_liger_kernel else "torch",
                         "gradient_checkpointing": cfg.train.gradient_checkpointing,
                         **({"packing": cfg.packing, "sampling": cfg.sampling} if a.stage == "sft" else
                            {"packing": "wrapped"})}
@@ -323,6 +326,11 @@ def variants_for(stage: str, device: str) -> list[str]:
     return names + ["ours"]
 
 
+def ratio(value: float, base: float) -> str:
+    """'2.50x', or 'n/a' where the base did not run (a --variants list without trl_default)."""
+    return f"{value / base:.2f}x" if base and not math.isnan(base) else "n/a"
+
+
 def compare(a) -> dict:
     import torch
 
@@ -373,9 +381,9 @@ def compare(a) -> dict:
             mfu = [r["mfu_pct"] for r in runs if r.get("mfu_pct") is not None]
             steady = [r["steady_tokens_per_s"] for r in runs if r.get("steady_tokens_per_s")]
             steady_mfu = [r["steady_mfu_pct"] for r in runs if r.get("steady_mfu_pct") is not None]
-            rows.append([v, median(tps), f"{min(tps):,.0f}-{max(tps):,.0f}", f"{median(tps) / base:.2f}x",
+            rows.append([v, median(tps), f"{min(tps):,.0f}-{max(tps):,.0f}", ratio(median(tps), base),
                          median(steady) if steady else "n/a",
-                         f"{median(steady) / steady_base:.2f}x" if steady and steady_base else "n/a",
+                         ratio(median(steady), steady_base) if steady else "n/a",
                          f"{median([r['step_s'] for r in runs]):.2f}", f"{median([r['tflops'] for r in runs]):.3f}",
                          f"{median(mfu):.1f}" if mfu else "n/a", f"{median(steady_mfu):.1f}" if steady_mfu else "n/a",
                          median([r["train_peak_memory_mb"] for r in runs]),
@@ -387,7 +395,7 @@ def compare(a) -> dict:
                      "peak MiB", "plan MiB", "precision"], rows))
         if "ours" in by_variant and best_stock:
             ours = median([r["tokens_per_s"] for r in by_variant["ours"]])
-            print(f"\nours / trl_default = {ours / base:.2f}x; ours / best stock flag ({best_stock}) = "
+            print(f"\nours / trl_default = {ratio(ours, base)}; ours / best stock flag ({best_stock}) = "
                   f"{ours / stock[best_stock]:.2f}x; ours settings: {by_variant['ours'][0]['settings']}\n")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "shape": shape, "batch": a.batch,

@@ -10,6 +10,7 @@ from typing import Literal
 
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
 from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
+from stages.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from stages.lm_head import set_loss_head
 from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
 from stages.scoring import perplexity
@@ -26,6 +27,7 @@ class CPTConfig:
     eval_file: str
     adapter: AdapterConfig
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
+    kernels: Literal["auto", "torch", "liger"]  # auto: Liger's fused RMSNorm/RoPE/SwiGLU where installed on a GPU
     train: TrainConfig  # train.max_length is the packed block size
     out_dir: str
 
@@ -38,6 +40,7 @@ def training_args(cfg: CPTConfig, output_dir):
         SFTConfig, cfg.train, output_dir, cfg.seed,
         dataset_text_field="text", max_length=cfg.train.max_length,
         packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
+        **kernel_kwargs(resolve_kernels(cfg.kernels)),
     )
 
 
@@ -47,6 +50,7 @@ def run(cfg: CPTConfig) -> dict:
     from trl import SFTTrainer
 
     set_seed(cfg.seed)
+    resolve_kernels(cfg.kernels)  # kernels this machine lacks stop the stage here, before anything is written
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
     ckpt_dir, resume = prepare_checkpoints("cpt", fingerprint(cfg, inputs))
     with stage_run("cpt", cfg, inputs=inputs):

@@ -13,6 +13,7 @@ from typing import Literal
 from stages.attention import resolve as resolve_attention, set_attention
 from stages.common import atomic_dir, read_jsonl, set_seed, write_json
 from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
+from stages.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from stages.lm_head import set_loss_head
 from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
 from stages.tracking import log_model_dir, log_stage_metrics, stage_run
@@ -30,6 +31,7 @@ class SFTStageConfig:
     attention: Literal["auto", "sdpa", "eager", "sdpa_varlen", "torch_varlen", "flash_attention_2",
                        "flash_attention_3"]
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
+    kernels: Literal["auto", "torch", "liger"]  # auto: Liger's fused RMSNorm/RoPE/SwiGLU where installed on a GPU
     sampling: Literal["random", "group_by_length"]  # group_by_length batches similar lengths: less padding
     adapter: AdapterConfig
     train: TrainConfig
@@ -50,6 +52,7 @@ def training_args(cfg: SFTStageConfig, output_dir):
         SFTConfig, cfg.train, output_dir, cfg.seed,
         max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
         train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
+        **kernel_kwargs(resolve_kernels(cfg.kernels)),
     )
 
 
@@ -59,6 +62,7 @@ def run(cfg: SFTStageConfig) -> dict:
 
     set_seed(cfg.seed)
     attention = resolve_attention(cfg.attention, cfg.packing)  # a kernel this machine lacks stops here, first
+    resolve_kernels(cfg.kernels)
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
     ckpt_dir, resume = prepare_checkpoints("sft", fingerprint(cfg, inputs))
     with stage_run("sft", cfg, inputs=inputs):
