@@ -29,11 +29,16 @@ CARRY = [
     "httpx2", "httpcore2", "truststore", "dill", "multiprocess", "fsspec",
     "pydantic", "pydantic-core", "typing-inspection", "annotated-types",
 ]
-# Stock TRL's `use_liger_kernel` row (Triton kernels; the issue's anchor has it). Not in this checkout's
-# environment (no GPU here), so pinned here (TRL 1.16 asks for >= 0.8.2).
-EXTRA = ["liger-kernel==0.8.5"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
+
+
+def gpu_extra() -> list[str]:
+    """pyproject.toml's `gpu` extra (liger-kernel, pinned there): for `kernels: auto` on our path and stock TRL's
+    `use_liger_kernel` row. Not installed in this checkout's environment (no GPU here)."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
 
 
 def pinned(names: list[str]) -> list[str]:
@@ -43,7 +48,6 @@ def pinned(names: list[str]) -> list[str]:
         raise SystemExit(f"not installed in this environment: {', '.join(missing)} (run `make install` first)")
     return [f"{name}=={md.version(name)}" for name in names]
 
-
 def _installed(name: str) -> bool:
     try:
         md.version(name)
@@ -51,13 +55,12 @@ def _installed(name: str) -> bool:
     except md.PackageNotFoundError:
         return False
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (major.minor)")
     parser.add_argument("--dest", default=str(REPO / ".whl"))
     args = parser.parse_args()
-    requirements = pinned(CARRY) + EXTRA
+    requirements = pinned(CARRY) + gpu_extra()
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -69,7 +72,6 @@ def main() -> None:
     print(f"{len(wheels)} wheels, {size:.1f} MiB in {args.dest}:")
     for wheel in wheels:
         print(f"  {wheel.name}")
-
 
 if __name__ == "__main__":
     main()

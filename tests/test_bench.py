@@ -20,6 +20,12 @@ def test_carried_wheels_are_pinned_at_this_environments_versions():
         assert pins[name] == ours[name], name  # the GPU runs what CI tests
 
 
+def test_liger_is_carried_at_the_gpu_extras_pin():
+    from bench.device_wheels import gpu_extra
+
+    assert gpu_extra() == ["liger-kernel==0.8.5"]  # pyproject.toml's `gpu` extra: one pin for users and the bench
+
+
 def test_a_distribution_missing_here_stops_before_any_download():
     from bench.device_wheels import pinned
 
