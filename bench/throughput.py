@@ -248,7 +248,7 @@ def worker(a) -> dict:
             extra = [f"{a.stage}.{x}" for x in a.variant.partition("@")[2].split(",") if x]
             args, cfg = ours_args(a.stage, out, a.steps, a.batch, shape["max_length"], (a.set or []) + extra)
             settings = {"batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
-                        "kernels": "liger" if args.use_liger_kernel else "torch",
+                        "kernels": "liger" if args.use_liger_kernel else "torch", "compile": cfg.compile,
                         "gradient_checkpointing": cfg.train.gradient_checkpointing,
                         **({"packing": cfg.packing, "sampling": cfg.sampling} if a.stage == "sft" else
                            {"packing": "wrapped"})}

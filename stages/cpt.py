@@ -28,6 +28,7 @@ class CPTConfig:
     adapter: AdapterConfig
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
     kernels: Literal["auto", "torch", "liger"]  # auto: Liger's fused RMSNorm/RoPE/SwiGLU where installed on a GPU
+    compile: bool  # torch.compile the model (transformers' torch_compile, inductor); pays off on fixed shapes
     train: TrainConfig  # train.max_length is the packed block size
     out_dir: str
 
@@ -40,7 +41,7 @@ def training_args(cfg: CPTConfig, output_dir):
         SFTConfig, cfg.train, output_dir, cfg.seed,
         dataset_text_field="text", max_length=cfg.train.max_length,
         packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
-        **kernel_kwargs(resolve_kernels(cfg.kernels)),
+        torch_compile=cfg.compile, **kernel_kwargs(resolve_kernels(cfg.kernels)),
     )
 
 

@@ -32,6 +32,7 @@ class SFTStageConfig:
                        "flash_attention_3"]
     loss_head: Literal["auto", "fused", "compact"]  # auto: TRL's fused kernel on a GPU, compact on CPU
     kernels: Literal["auto", "torch", "liger"]  # auto: Liger's fused RMSNorm/RoPE/SwiGLU where installed on a GPU
+    compile: bool  # torch.compile the model (transformers' torch_compile, inductor); pays off on fixed shapes
     sampling: Literal["random", "group_by_length"]  # group_by_length batches similar lengths: less padding
     adapter: AdapterConfig
     train: TrainConfig
@@ -52,7 +53,7 @@ def training_args(cfg: SFTStageConfig, output_dir):
         SFTConfig, cfg.train, output_dir, cfg.seed,
         max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
         train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
-        **kernel_kwargs(resolve_kernels(cfg.kernels)),
+        torch_compile=cfg.compile, **kernel_kwargs(resolve_kernels(cfg.kernels)),
     )
 
 
