@@ -27,8 +27,9 @@ def liger_problem(device: str | None = None) -> str | None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cuda":
         return "Liger's kernels are Triton kernels and need a CUDA GPU (torch.cuda.is_available() is False)"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
+    missing = [name for name in ("liger_kernel", "triton") if importlib.util.find_spec(name) is None]
+    if missing:  # liger-kernel imports Triton when TRL applies it: without either, `auto` must not pick it
+        return f"{' and '.join(missing)} not installed (pip install -e \".[gpu]\" installs liger-kernel==0.8.5)"
     return None
 
 

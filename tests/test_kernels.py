@@ -22,6 +22,9 @@ def test_auto_keeps_torch_ops_where_liger_cannot_run():
         resolve("liger", "cpu")
     with pytest.raises(ValueError, match=r"kernels must be one of"):
         resolve("triton", "cpu")
+    if liger_problem("cuda"):  # liger-kernel / Triton missing (as in CI): a GPU alone is not enough
+        with pytest.raises(ValueError, match=r"kernels: liger cannot run here: .*not installed \(pip install -e"):
+            resolve("liger", "cuda")
 
 
 def test_liger_asks_trl_for_the_layer_kernels_only():
