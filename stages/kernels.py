@@ -7,7 +7,7 @@ applies them through `use_liger_kernel` and keeps its own fused LM head (liger's
 replace the model's forward), so `loss_head` still chooses the head. TRL 1.16 marks `use_liger_kernel` as
 deprecated in favour of the Hub's kernels, which are downloaded at run time: liger runs offline.
 
-liger-kernel is not a dependency (Triton, GPU only): `pip install liger-kernel` on a GPU machine.
+liger-kernel is not a dependency (Triton, GPU only): `pip install -e ".[gpu]"` on a GPU machine.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def liger_problem(device: str | None = None) -> str | None:
 
 
 def resolve(choice: str, device: str | None = None) -> str:
-    """The kernels `choice` means here: auto is liger where it can run (a CUDA GPU with liger-kernel
-    installed), else torch; liger where it cannot run is an error that says why."""
+    """The kernels `choice` means here: auto is liger where it can run (a CUDA GPU with liger-kernel and
+    Triton installed), else torch; liger where it cannot run is an error that says why."""
     if choice not in CHOICES:
         raise ValueError(f"kernels must be one of {CHOICES}, got {choice!r}")
     if choice == "auto":
