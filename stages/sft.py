@@ -63,7 +63,7 @@ def run(cfg: SFTStageConfig) -> dict:
 
     set_seed(cfg.seed)
     attention = resolve_attention(cfg.attention, cfg.packing)  # a kernel this machine lacks stops here, first
-    resolve_kernels(cfg.kernels)
+    resolve_kernels(cfg.kernels)  # likewise Liger's kernels where they cannot run
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
     ckpt_dir, resume = prepare_checkpoints("sft", fingerprint(cfg, inputs))
     with stage_run("sft", cfg, inputs=inputs):

@@ -33,6 +33,13 @@ def test_a_distribution_missing_here_stops_before_any_download():
         pinned(["trl", "no-such-dist-xyz"])
 
 
+def test_a_ratio_without_its_base_reads_n_a():
+    from bench.throughput import ratio
+
+    assert ratio(5.0, 2.0) == "2.50x"
+    assert ratio(5.0, float("nan")) == "n/a"  # --variants without trl_default: the median of nothing
+
+
 def test_steady_tokens_per_s_leaves_the_warm_up_steps_out():
     from bench.throughput import steady_tokens_per_s
 
