@@ -48,12 +48,14 @@ def pinned(names: list[str]) -> list[str]:
         raise SystemExit(f"not installed in this environment: {', '.join(missing)} (run `make install` first)")
     return [f"{name}=={md.version(name)}" for name in names]
 
+
 def _installed(name: str) -> bool:
     try:
         md.version(name)
         return True
     except md.PackageNotFoundError:
         return False
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +74,7 @@ def main() -> None:
     print(f"{len(wheels)} wheels, {size:.1f} MiB in {args.dest}:")
     for wheel in wheels:
         print(f"  {wheel.name}")
+
 
 if __name__ == "__main__":
     main()

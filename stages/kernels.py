@@ -29,7 +29,8 @@ def liger_problem(device: str | None = None) -> str | None:
         return "Liger's kernels are Triton kernels and need a CUDA GPU (torch.cuda.is_available() is False)"
     missing = [name for name in ("liger_kernel", "triton") if importlib.util.find_spec(name) is None]
     if missing:  # liger-kernel imports Triton when TRL applies it: without either, `auto` must not pick it
-        return f"{' and '.join(missing)} not installed (pip install -e \".[gpu]\" installs liger-kernel==0.8.5)"
+        return (f"{' and '.join(missing)} not installed "
+                "(pip install -e \".[gpu]\": pyproject.toml's gpu extra pins liger-kernel)")
     return None
 
 
