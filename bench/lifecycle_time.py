@@ -88,7 +88,7 @@ def summarise(records: list[dict], dvc_wall: float) -> tuple[list[list], dict]:
     rows, totals = [], {k: 0.0 for k in [*OVERHEAD, "launcher", *COMPUTE, "other", "wall"]}
     for name, r in sorted(stages.items(), key=lambda kv: kv[1]["start"]):
         ph = r["phases"]
-        # stages.launch execs the stage in its own process (os.execve): its few ms before that land in DVC's share
+        # posttrain.cli execs an accelerate launch in its own process (os.execve): its few ms before that land in DVC's share
         launcher = launchers[name]["wall_s"] - r["wall_s"] if name in launchers else 0.0
         wall = r["wall_s"] + launcher
         # interpreter start before the timer loads: counted with the imports

@@ -6,7 +6,7 @@
 SFT trains on prompt + chosen; DPO on prompt + chosen / rejected; the online method (GRPO or RLOO) samples
 `num_generations` completions per prompt and scores them with the reward model. All three use the same
 starting model, the same pairs, the `align` section's adapter, batch size, max_length, beta and generation
-settings from params.yaml, and TRL's trainers as the stages build them (stages.training.trainer_args).
+settings from params.yaml, and TRL's trainers as the stages build them (posttrain.training.trainer_args).
 Step time = median wall time of a training step after `--warmup` steps (a callback times each step).
 Nothing is written outside a temporary directory and nothing is logged to MLflow.
 """
@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from posttrain.config import load_config  # noqa: E402
+from posttrain.models import load_for_training, load_tokenizer, peft_config  # noqa: E402
+from posttrain.reward_model import load_reward_model, preference_rows, trl_pairs  # noqa: E402
+from posttrain.runtime import set_seed  # noqa: E402
+from posttrain.training import trainer_args  # noqa: E402
 from stages.align import AlignConfig  # noqa: E402
-from stages.common import set_seed  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.models import load_for_training, load_tokenizer, peft_config  # noqa: E402
-from stages.reward import load_reward_model, preference_rows, trl_pairs  # noqa: E402
-from stages.training import trainer_args  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                           max_completion_length=g.max_completion_length, temperature=g.temperature)), a.warmup)
 
     sft = results["sft"]["step_s"]
-    print(f"\n| method | s/step | x SFT | tokens/step |\n|---|---|---|---|")
+    print("\n| method | s/step | x SFT | tokens/step |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['step_s']:.3f} | {r['step_s'] / sft:.2f} | {r['tokens_per_step']:.0f} |")
     print(f"\nDPO / SFT step time: {results['dpo']['step_s'] / sft:.2f}x;  "

@@ -58,10 +58,10 @@ def tokenise(stage: str, params: dict) -> tuple[int, float]:
     from datasets import Dataset
     from trl import SFTTrainer
 
+    from posttrain.config import load_config
+    from posttrain.files import read_jsonl
+    from posttrain.models import load_model, load_tokenizer
     from stages import cpt, sft
-    from stages.common import read_jsonl
-    from stages.config import load_config
-    from stages.models import load_model, load_tokenizer
 
     module, cls = (sft, sft.SFTStageConfig) if stage == "sft" else (cpt, cpt.CPTConfig)
     cfg = load_config(stage, cls, params=params)
@@ -88,8 +88,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
+    from posttrain.config import load_config
     from stages import base, prepare, sample
-    from stages.config import load_config
 
     out_json = Path(a.json).resolve() if a.json else None
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="prepare-scale-"))

@@ -13,7 +13,7 @@ nothing here knows what a stage does. One flow run, from the repository root:
 2. applies the `overrides` to params.yaml with DVC's own `--set-param` code (an unknown key is an error),
    as `dvc exp run -S key=value` does in the workspace;
 3. opens the MLflow parent run with LIFECYCLE_ID = the experiment name, tagged with the Prefect flow run;
-   every stage's run nests under it (stages.tracking);
+   every stage's run nests under it (posttrain.tracking);
 4. one task per stage, `dvc repro --single-item <stage>` in DAG order, with `orchestration.retries`; the
    stage's output streams into the task's logs;
 5. `dvc exp save`: the workspace becomes a DVC experiment (`dvc exp show`, `dvc metrics diff`, `dvc exp apply`);
@@ -51,8 +51,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from stages.config import TrackingConfig, build, read_params
-from stages.tracking import flatten, lifecycle_run, tracking_uri
+from posttrain.config import TrackingConfig, build, read_params
+from posttrain.tracking import flatten, lifecycle_run, tracking_uri
 
 LOCK_FILE = Path(".dvc/tmp/lifecycle.lock")
 PROGRESS_EVERY_S = 5.0  # a progress bar redraws itself many times a second: log one state every few seconds
@@ -411,8 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="", help="DVC experiment name (default: the flow run's name)")
     args = parser.parse_args(argv)
     overrides = _parse_set(args.set_param)
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
-    from prefect.settings import temporary_settings
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT,
+        temporary_settings,
+    )
 
     # With no PREFECT_API_URL, Prefect starts a temporary server; its first start creates the database,
     # which took over the default 20 s on a busy 2-core machine. An explicit setting wins.

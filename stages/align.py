@@ -24,14 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json, write_jsonl
-from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
-from stages.models import (_resolve, apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer,
-                           peft_config, save_model, trainable_share)
-from stages.reward import load_reward_model, preference_rows, reward_scores, trl_pairs
-from stages.scoring import exact_match, final_answer, sample
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.cli import run_stage
+from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.files import read_jsonl, write_jsonl
+from posttrain.models import (apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
+                              peft_config, trainable_share)
+from posttrain.outputs import finish
+from posttrain.reward_model import load_reward_model, preference_rows, reward_scores, trl_pairs
+from posttrain.runtime import set_seed
+from posttrain.scoring import exact_match, final_answer, sample
+from posttrain.tracking import stage_run
+from posttrain.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
 OFFLINE = ("dpo", "kto", "orpo")
 ONLINE = ("grpo", "rloo")
@@ -122,8 +125,8 @@ def prompt_rows(paths: list[str]) -> list[dict]:
 
 def reference_dir(model_path: str, scratch: Path) -> str:
     """A folder holding the full weights of `model_path`: itself, or its adapter chain merged into `scratch`."""
-    if not is_adapter_dir(_resolve(model_path)):
-        return _resolve(model_path)
+    if not is_adapter_dir(local_path(model_path)):
+        return local_path(model_path)
     if not (scratch / "model.safetensors").exists():
         load_model(model_path).save_pretrained(scratch, safe_serialization=True)
         load_tokenizer(model_path).save_pretrained(scratch)
@@ -275,19 +278,9 @@ def run(cfg: AlignConfig) -> dict:
         if cfg.method in OFFLINE:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "runtime" not in k
                             and "per_second" not in k})
-        with atomic_dir(cfg.out_dir) as tmp:
-            save_model(trainer.model, trainer.processing_class, tmp, base_path=cfg.model)
-        log_stage_metrics(metrics)
-        log_model_dir(cfg.out_dir, cfg)
-    write_json("metrics/align.json", metrics)
-    clear_checkpoints("align")
+        finish("align", cfg, metrics, trainer.model, trainer.processing_class, base_path=cfg.model)
     return metrics
 
 
 if __name__ == "__main__":
-    from stages.readers import DataError
-
-    try:
-        cli("align", AlignConfig, run)
-    except DataError as e:  # bad preference pairs: file, row, column and check named; nothing written
-        raise SystemExit(f"data error: {e}")
+    run_stage("align", AlignConfig, run)

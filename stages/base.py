@@ -11,36 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json
-from stages.config import TrackingConfig, cli
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-
-# ChatML-style; {% generation %} marks what the assistant says, for assistant-only losses.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
-    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    vocab_size: int
-    train_files: list[str]  # JSONL files whose text the tokenizer is trained on
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool
+from posttrain.cli import run_stage
+from posttrain.config import TrackingConfig
+from posttrain.files import atomic_dir, write_json
+from posttrain.runtime import set_seed
+from posttrain.tiny import CHAT_TEMPLATE, TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
+from posttrain.tracking import log_model_dir, log_stage_metrics, stage_run
 
 
 @dataclass(frozen=True)
@@ -52,54 +28,6 @@ class BaseConfig:
     tokenizer: TokenizerConfig
     tiny: TinyModelConfig
     out_dir: str
-
-
-def _texts(path: str):
-    """Every string in a prepared JSONL file (corpus text, message contents)."""
-    for row in read_jsonl(path):
-        for value in row.values():
-            if isinstance(value, str):
-                yield value
-            elif isinstance(value, list):
-                yield from (m["content"] for m in value if isinstance(m, dict))
-
-
-def train_tokenizer(cfg: TokenizerConfig):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # Digits one by one, so numbers share pieces and arithmetic is learnable.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator((t for f in cfg.train_files for t in _texts(f)), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|endoftext|>",
-        unk_token=None, chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_model(cfg: TinyModelConfig, tokenizer):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
-    return model
 
 
 def load_pretrained(cfg: BaseConfig):
@@ -137,4 +65,4 @@ def run(cfg: BaseConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli("base", BaseConfig, run)
+    run_stage("base", BaseConfig, run)

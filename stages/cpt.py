@@ -8,14 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json
-from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
-from stages.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
-from stages.lm_head import set_loss_head
-from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
-from stages.scoring import perplexity
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.cli import run_stage
+from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.files import read_jsonl
+from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
+from posttrain.lm_head import set_loss_head
+from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
+from posttrain.outputs import finish
+from posttrain.runtime import set_seed
+from posttrain.scoring import perplexity
+from posttrain.tracking import stage_run
+from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,9 @@ def run(cfg: CPTConfig) -> dict:
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
         metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,
                    **trainable_share(trainer.model)}
-        with atomic_dir(cfg.out_dir) as tmp:
-            save_model(trainer.model, tokenizer, tmp, base_path=cfg.model)
-        log_stage_metrics(metrics)
-        log_model_dir(cfg.out_dir, cfg)
-    write_json("metrics/cpt.json", metrics)
-    clear_checkpoints("cpt")
+        finish("cpt", cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
     return metrics
 
 
 if __name__ == "__main__":
-    cli("cpt", CPTConfig, run)
+    run_stage("cpt", CPTConfig, run, launchable=True)

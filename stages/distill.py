@@ -18,28 +18,31 @@ tokens/s of both, measured in the same run on the same prompts.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from stages.base import TinyModelConfig, build_tiny_model
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json, write_jsonl
-from stages.config import TrackingConfig, TrainConfig, cli
-from stages.evaluate import SUITES, score_model
-from stages.models import load_model, load_tokenizer, save_model
-from stages.scoring import generate
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.cli import run_stage
+from posttrain.config import StageError, TrackingConfig, TrainConfig
+from posttrain.files import read_jsonl, write_jsonl
+from posttrain.models import load_model, load_tokenizer
+from posttrain.outputs import finish
+from posttrain.runtime import set_seed
+from posttrain.scoring import answer_perplexity, generate, generation_speed
+from posttrain.suites import SUITES, score_model
+from posttrain.tiny import TinyModelConfig, build_tiny_model
+from posttrain.tracking import stage_run
+from posttrain.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
 HIGHER_IS_BETTER = ("instruction_em", "cot_accuracy", "refusal_rate")
 
 
-class DistillError(ValueError):
+class DistillError(StageError):
     """The distill stage cannot start: bad teacher, student or prompt set. Nothing was written."""
+
+    label = "distill"
 
 
 @dataclass(frozen=True)
@@ -250,56 +253,6 @@ def _logits_trainer(cfg, student, teacher, tokenizer, rows, ckpt_dir):
 # ---------------------------------------------------------------- measuring
 
 
-@torch.no_grad()
-def answer_perplexity(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int) -> float:
-    """Perplexity of `answers` (the teacher's) given their prompts, on the answer tokens only."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        ids, labels = [], []
-        for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size]):
-            head = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            h = tokenizer(head, add_special_tokens=False)["input_ids"]
-            t = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids.append(h + t)
-            labels.append([-100] * len(h) + t)
-        width = max(map(len, ids))
-        pad = tokenizer.pad_token_id
-        x = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
-        y = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=model.device)
-        logits = model(input_ids=x, attention_mask=(x != pad) | (y != -100)).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((y[:, 1:] != -100).sum())
-    return float(torch.tensor(total / max(count, 1)).exp())
-
-
-@torch.no_grad()
-def generation_speed(models: dict, prompts, max_new_tokens: int, rounds: int) -> dict[str, float]:
-    """Greedy tokens/s of each (model, tokenizer) on the same prompts, each generating exactly max_new_tokens.
-
-    Rounds alternate between the models so that load from other processes hits them alike; the first
-    round warms up and is dropped, the median of the others is kept.
-    """
-    batches = {}
-    for name, (model, tok) in models.items():
-        tok.padding_side = "left"
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        batches[name] = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds + 1):
-        for name, (model, tok) in models.items():
-            model.eval()
-            start = time.perf_counter()
-            model.generate(**batches[name], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                           do_sample=False, pad_token_id=tok.pad_token_id)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: len(prompts) * max_new_tokens / statistics.median(t[1:]) for name, t in times.items()}
-
-
 def agreement(a: list[str], b: list[str]) -> float:
     return sum(x.strip() == y.strip() for x, y in zip(a, b)) / max(len(a), 1)
 
@@ -388,21 +341,13 @@ def run(cfg: DistillConfig) -> dict:
         compared, samples = compare(cfg, teacher, t_tok, student, s_tok, initial)
         metrics = {"method": cfg.method, "n_prompts": len(prompts), "n_distinct_prompts": len({_key(p) for p in prompts}),
                    "n_train_rows": len(rows), **result, **compared}
-        with atomic_dir(cfg.out_dir) as tmp:
-            save_model(student, s_tok, tmp, base_path=cfg.out_dir)
         write_report(cfg.report, {"teacher": metrics["teacher"], "student": metrics["student"]}, samples)
         mlflow.log_artifact(cfg.report)
-        log_stage_metrics({k: v for k, v in metrics.items() if k != "method"})
-        log_model_dir(cfg.out_dir, cfg)
-    write_json("metrics/distill.json", metrics)
+        finish("distill", cfg, metrics, student, s_tok, base_path=cfg.out_dir)
     print(f"[distill] student keeps {metrics['retained']} of the teacher's scores at "
           f"{metrics['param_ratio']:.2f}x its parameters, {metrics['speedup']:.2f}x its tokens/s", flush=True)
-    clear_checkpoints("distill")
     return metrics
 
 
 if __name__ == "__main__":
-    try:
-        cli("distill", DistillConfig, run)
-    except DistillError as e:
-        raise SystemExit(f"distill: {e}")
+    run_stage("distill", DistillConfig, run)

@@ -15,16 +15,16 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from posttrain.cli import run_stage
+from posttrain.config import ConfigError, TrackingConfig
+from posttrain.files import read_jsonl, write_json
+from posttrain.models import load_model, load_tokenizer
+from posttrain.reward_model import load_reward_model, reward_scores
+from posttrain.runtime import set_seed, set_threads
+from posttrain.scoring import generate
+from posttrain.suites import SUITES, kl_along, score_model, win_rate
+from posttrain.tracking import log_stage_metrics, stage_run
 
-from stages.common import read_jsonl, set_seed, set_threads, write_json
-from stages.config import ConfigError, TrackingConfig, cli
-from stages.models import load_model, load_tokenizer
-from stages.reward import load_reward_model, reward_scores
-from stages.scoring import exact_match, final_answer, generate, is_refusal, perplexity
-from stages.tracking import log_stage_metrics, stage_run
-
-SUITES = ("instruction", "cot", "harmful", "benign")
 PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
 COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", *PREFERENCE, "params")
 
@@ -50,30 +50,6 @@ class EvaluateConfig:
         if self.reference not in self.models:
             raise ConfigError(f"[evaluate.reference] {self.reference!r} is not one of evaluate.models "
                               f"({', '.join(self.models)})")
-
-
-def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg: EvaluateConfig,
-                generations: dict | None = None):
-    """All suite scores of one model, plus a few sample generations per suite.
-
-    `generations`, if given, receives every suite's generations (suite -> list of str).
-    """
-    gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
-            for s, rows in suites.items()}
-    if generations is not None:
-        generations.update(gens)
-    share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731
-    scores = {
-        "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size),
-        "instruction_em": share([exact_match(g, r["answer"]) for g, r in zip(gens["instruction"], suites["instruction"])]),
-        "cot_accuracy": share([final_answer(g) == r["answer"] for g, r in zip(gens["cot"], suites["cot"])]),
-        "refusal_rate": share([is_refusal(g) for g in gens["harmful"]]),
-        "over_refusal_rate": share([is_refusal(g) for g in gens["benign"]]),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    samples = [(s, rows[i]["prompt"][-1]["content"], gens[s][i], rows[i].get("answer", ""))
-               for s, rows in suites.items() for i in range(min(cfg.samples_per_suite, len(rows)))]
-    return scores, samples
 
 
 class Judge:
@@ -106,42 +82,6 @@ class Judge:
             "kl_to_ref": kl_along(model, self.ref, tokenizer, self.prompts, answers, self.cfg.batch_size)
             if same_vocab else None,  # token-level KL needs one vocabulary
         }, answers
-
-
-def win_rate(scores: list[float], against: list[float]) -> float:
-    """Share of prompts where `scores` beats `against`; a tie counts half."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
-
-
-@torch.no_grad()
-def kl_along(model, ref, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int) -> float:
-    """Mean over prompts of KL(model || ref) summed over the answer's tokens (nats per answer).
-
-    At every position of the model's own answer the full next-token distributions are compared, so this is
-    the exact per-token KL along the model's trajectory rather than a sampled estimate.
-    """
-    model.eval()
-    ref.eval()
-    total = 0.0
-    for i in range(0, len(prompts), batch_size):
-        heads = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        head_ids = [tokenizer(h, add_special_tokens=False)["input_ids"] for h in heads]
-        full_ids = [h + tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                    for h, a in zip(head_ids, answers[i : i + batch_size])]
-        width = max(map(len, full_ids))
-        ids = torch.full((len(full_ids), width), tokenizer.pad_token_id)
-        attention = torch.zeros_like(ids)
-        scored = torch.zeros(len(full_ids), width - 1)  # position t predicts token t + 1
-        for j, (h, f) in enumerate(zip(head_ids, full_ids)):
-            ids[j, : len(f)], attention[j, : len(f)] = torch.tensor(f), 1
-            scored[j, len(h) - 1 : len(f) - 1] = 1
-        ids, attention = ids.to(model.device), attention.to(model.device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
-        logq = torch.log_softmax(ref(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
-        total += (kl.cpu() * scored).sum().item()
-    return total / len(prompts)
 
 
 def write_report(path: str, table: dict[str, dict], samples: dict[str, list], reference: str = "",
@@ -205,4 +145,4 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli("evaluate", EvaluateConfig, run)
+    run_stage("evaluate", EvaluateConfig, run)

@@ -1,6 +1,6 @@
 """export: the final model as a plain Hugging Face folder with a model card, registered in MLflow.
 
-Loads `export.model` (adapter chains are merged by stages.models.load_model) and writes to `out_dir`:
+Loads `export.model` (adapter chains are merged by posttrain.models.load_model) and writes to `out_dir`:
 safetensors weights, config, generation config, tokenizer with its chat template, and README.md, a
 Hugging Face model card with the lineage (stage by stage, back to the base model), digests of the data,
 every stage's params from params.yaml and the evaluate table. The same model is logged with MLflow's
@@ -18,16 +18,20 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import atomic_dir, digest, git_commit, set_seed, write_json
-from stages.config import TrackingConfig, cli, read_params
-from stages.models import is_adapter_dir, load_model, load_tokenizer
-from stages.tracking import lifecycle_id, log_stage_metrics, stage_run
+from posttrain.cli import run_stage
+from posttrain.config import StageError, TrackingConfig, read_params
+from posttrain.files import atomic_dir, digest, git_commit, write_json
+from posttrain.models import is_adapter_dir, load_model, load_tokenizer
+from posttrain.runtime import set_seed
+from posttrain.tracking import lifecycle_id, log_stage_metrics, stage_run
 
 RUNTIME_PACKAGES = ("transformers", "torch", "tokenizers", "accelerate", "safetensors")
 
 
-class ExportError(ValueError):
+class ExportError(StageError):
     """The export stage cannot start; nothing was written."""
+
+    label = "export"
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def model_card(cfg: ExportConfig, params: dict, chain: list[dict], table: dict, 
         "",
         "## Use", "",
         "```bash",
-        f'python -m stages.generate --model {cfg.out_dir} "Count the words.\\n\\nblue fox gold"',
+        f'python -m posttrain.generate --model {cfg.out_dir} "Count the words.\\n\\nblue fox gold"',
         f"mlflow models serve -m models:/{name}@{cfg.registry.alias} --env-manager local -p 5001",
         "```", "",
         "```python",
@@ -279,7 +283,4 @@ def run(cfg: ExportConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        cli("export", ExportConfig, run)
-    except ExportError as e:
-        raise SystemExit(f"export: {e}")
+    run_stage("export", ExportConfig, run)

@@ -2,7 +2,7 @@
 
     python -m stages.prepare [--params params.yaml]
 
-1. read and validate every source (stages.readers, schemas/): one bad row stops the stage, with a report
+1. read and validate every source (posttrain.readers, schemas/): one bad row stops the stage, with a report
    naming file, row, column and check, before anything is written;
 2. dedupe exact duplicates within each kind, keyed by the prompt (the text for the corpus), first kept;
 3. split each kind into train / eval by a seeded hash of the prompt (eval = eval_fraction of it,
@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from stages.common import atomic_dir, write_json, write_jsonl
-from stages.config import ConfigError, TrackingConfig, cli
-from stages.readers import DataError, Problem, read_sources
+from posttrain.cli import run_stage
+from posttrain.config import ConfigError, TrackingConfig
+from posttrain.files import atomic_dir, write_json, write_jsonl
+from posttrain.readers import DataError, Problem, read_sources
 
 SFT_KINDS = ("instruction", "refusal", "cot")
 SPLIT_KINDS = ("corpus", "instruction", "refusal", "cot", "preference")  # prompts are not split
@@ -245,7 +246,7 @@ def run(cfg: PrepareConfig) -> dict:
         "mixture": mixture_report,
         "outputs": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
     }
-    from stages.tracking import log_stage_metrics, stage_run
+    from posttrain.tracking import log_stage_metrics, stage_run
 
     with stage_run("prepare", cfg, inputs=input_names(cfg)):
         with atomic_dir(cfg.out_dir) as tmp:
@@ -257,7 +258,4 @@ def run(cfg: PrepareConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        cli("prepare", PrepareConfig, run)
-    except DataError as e:
-        raise SystemExit(f"data error: {e}")
+    run_stage("prepare", PrepareConfig, run)

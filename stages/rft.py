@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json
-from stages.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig, cli
-from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
-from stages.scoring import final_answer, generate, sample
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.cli import run_stage
+from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.files import read_jsonl
+from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
+from posttrain.outputs import finish
+from posttrain.runtime import set_seed
+from posttrain.scoring import final_answer, generate, sample
+from posttrain.tracking import stage_run
+from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,9 @@ def run(cfg: RFTConfig) -> dict:
                   f"{cfg.model} unchanged", flush=True)
         metrics["accuracy_after"] = accuracy(model, tokenizer, held_out, cfg)
         metrics["accuracy_change"] = metrics["accuracy_after"] - acc_before
-        with atomic_dir(cfg.out_dir) as tmp:
-            save_model(model, tokenizer, tmp, base_path=cfg.model)
-        log_stage_metrics(metrics)
-        log_model_dir(cfg.out_dir, cfg)
-    write_json("metrics/rft.json", metrics)
-    clear_checkpoints("rft")
+        finish("rft", cfg, metrics, model, tokenizer, base_path=cfg.model)
     return metrics
 
 
 if __name__ == "__main__":
-    cli("rft", RFTConfig, run)
+    run_stage("rft", RFTConfig, run)

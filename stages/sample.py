@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import atomic_dir, write_json, write_jsonl
-from stages.config import TrackingConfig, cli
-from stages.tracking import log_stage_metrics, stage_run
+from posttrain.cli import run_stage
+from posttrain.config import TrackingConfig
+from posttrain.files import atomic_dir, write_json, write_jsonl
+from posttrain.tracking import log_stage_metrics, stage_run
 
 WORDS = ["red", "blue", "green", "fox", "owl", "cat", "river", "stone", "moon", "tree", "lamp", "boat",
          "apple", "cloud", "bell", "sand", "wolf", "rain", "gold", "seed"]
@@ -198,4 +199,4 @@ def run(cfg: SampleConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli("sample", SampleConfig, run)
+    run_stage("sample", SampleConfig, run)

@@ -2,7 +2,7 @@
 
 The data is in TRL's conversational prompt-completion form, so the chat template is applied and the
 loss falls on the completion only. `adapter.method` picks full / freeze / a PEFT method; PEFT runs
-save only the adapter, which later stages load through stages.models.load_model.
+save only the adapter, which later stages load through posttrain.models.load_model.
 """
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.attention import resolve as resolve_attention, set_attention
-from stages.common import atomic_dir, read_jsonl, set_seed, write_json
-from stages.config import AdapterConfig, TrackingConfig, TrainConfig, cli
-from stages.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
-from stages.lm_head import set_loss_head
-from stages.models import apply_freeze, load_for_training, load_tokenizer, peft_config, save_model, trainable_share
-from stages.tracking import log_model_dir, log_stage_metrics, stage_run
-from stages.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.attention import resolve as resolve_attention, set_attention
+from posttrain.cli import run_stage
+from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.files import read_jsonl
+from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
+from posttrain.lm_head import set_loss_head
+from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
+from posttrain.outputs import finish
+from posttrain.runtime import set_seed
+from posttrain.tracking import stage_run
+from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,9 @@ def run(cfg: SFTStageConfig) -> dict:
         metrics = {**result, "eval_loss_before": eval_loss_before, "eval_loss": trainer.evaluate()["eval_loss"],
                    **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
-        with atomic_dir(cfg.out_dir) as tmp:
-            save_model(trainer.model, tokenizer, tmp, base_path=cfg.model)
-        log_stage_metrics(metrics)
-        log_model_dir(cfg.out_dir, cfg)
-    write_json("metrics/sft.json", metrics)
-    clear_checkpoints("sft")
+        finish("sft", cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
     return metrics
 
 
 if __name__ == "__main__":
-    cli("sft", SFTStageConfig, run)
+    run_stage("sft", SFTStageConfig, run, launchable=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_workdir, run_stage, tiny_params
-from stages.config import ConfigError, load_config
-from stages.readers import DataError
+
+from posttrain.config import ConfigError, load_config
+from posttrain.readers import DataError
 
 
 def workdir_from(src: Path, path: Path, **overrides) -> Path:
@@ -93,8 +93,8 @@ def test_policy_pairs_are_the_models_samples_ranked_by_the_reward_model(trained,
 
 
 def test_policy_pairs_keep_only_prompts_the_reward_model_tells_apart(trained, tmp_path):
+    from posttrain.reward_model import preference_rows
     from stages.align import AlignConfig, policy_pairs
-    from stages.reward import preference_rows
 
     wd = workdir_from(trained, tmp_path / "wd", align={"pairs": "policy", "min_reward_gap": 1e6})
     cfg = load_config("align", AlignConfig, params=yaml.safe_load((wd / "params.yaml").read_text()))
@@ -153,7 +153,7 @@ def trainer_for(wd: Path, monkeypatch, adapter: str):
 def test_lora_reference_is_the_sft_model_with_the_adapter_off_and_no_copy(lora_chain, monkeypatch):
     from trl.trainer.utils import use_adapter
 
-    from stages.models import load_model, load_tokenizer
+    from posttrain.models import load_model, load_tokenizer
 
     trainer = trainer_for(lora_chain, monkeypatch, "lora")
     sft, cpt = load_model("models/sft"), load_model("models/cpt")
@@ -174,7 +174,7 @@ def test_lora_reference_is_the_sft_model_with_the_adapter_off_and_no_copy(lora_c
 
 
 def test_full_reference_is_the_merged_sft_model(lora_chain, monkeypatch):
-    from stages.models import load_model, load_tokenizer
+    from posttrain.models import load_model, load_tokenizer
 
     trainer = trainer_for(lora_chain, monkeypatch, "full")
     enc = batch(load_tokenizer("models/sft"), Path("data/pairs.jsonl"))
@@ -185,8 +185,8 @@ def test_full_reference_is_the_merged_sft_model(lora_chain, monkeypatch):
 
 
 def test_align_stage_chains_its_adapter_onto_sft_without_touching_it(lora_chain, tmp_path):
-    from stages.common import digest
-    from stages.models import load_model, load_tokenizer
+    from posttrain.files import digest
+    from posttrain.models import load_model, load_tokenizer
 
     wd = workdir_from(lora_chain, tmp_path / "wd", sft={"adapter": {"method": "lora"}},
                       align={"method": "dpo", **OFFLINE})
@@ -253,8 +253,8 @@ def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
 
 
 def test_win_rate_counts_ties_half_and_kl_of_a_model_to_itself_is_zero(lifecycle):
-    from stages.evaluate import kl_along, win_rate
-    from stages.models import load_model, load_tokenizer
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.suites import kl_along, win_rate
 
     assert win_rate([1.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 1.0]) == 0.625
     wd = lifecycle["workdir"]

@@ -1,4 +1,4 @@
-"""`python -m stages.compare`: lifecycles side by side from a real MLflow store, written the way the stages write it."""
+"""`python -m posttrain.compare`: lifecycles side by side from a real MLflow store, written the way the stages write it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
-
 from conftest import tiny_params
-from stages.config import TrackingConfig
+
+from posttrain.config import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class FakeStageConfig:  # what a stage's config carries into stage_run
 
 def lifecycle(workdir, monkeypatch, method: str, em: float, share: float, flow_metrics: dict | None = None) -> None:
     """One `dvc repro`-style lifecycle (LIFECYCLE_ID from git commit + params.yaml): an sft and an evaluate run."""
-    from stages.tracking import lifecycle_id, log_stage_metrics, stage_run
+    from posttrain.tracking import lifecycle_id, log_stage_metrics, stage_run
 
     params = tiny_params(sft={"adapter": {"method": method}})
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -42,7 +42,7 @@ def lifecycle(workdir, monkeypatch, method: str, em: float, share: float, flow_m
 
 
 def test_last_lifecycles_side_by_side_with_differing_params(tmp_path, monkeypatch, capsys):
-    from stages.compare import main
+    from posttrain.compare import main
 
     monkeypatch.chdir(tmp_path)
     lifecycle(tmp_path, monkeypatch, "full", em=0.10, share=1.0)
@@ -61,7 +61,7 @@ def test_last_lifecycles_side_by_side_with_differing_params(tmp_path, monkeypatc
 
 
 def test_no_lifecycles_says_where_it_looked(tmp_path, monkeypatch):
-    from stages.compare import main
+    from posttrain.compare import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))

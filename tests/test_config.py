@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from stages.config import ConfigError, TrainConfig, build, load_config, read_params
+from posttrain.config import ConfigError, TrainConfig, build, load_config, read_params, stage_section
 from stages.cpt import CPTConfig
 from stages.sft import SFTStageConfig
 
@@ -52,7 +52,7 @@ def test_wrong_type_and_bad_choice_are_rejected():
 
 
 def test_int_is_accepted_for_float_but_bool_is_not_int():
-    train = dict(REPO_PARAMS["sft"]["train"], learning_rate=1)
+    train = dict(stage_section(REPO_PARAMS, "sft")["train"], learning_rate=1)
     assert build(TrainConfig, train, "t").learning_rate == 1.0
     with pytest.raises(ConfigError, match="expected int"):
         build(TrainConfig, dict(train, max_steps=True), "t")
@@ -81,7 +81,7 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
 def test_half_precision_without_the_hardware_stops_with_a_clear_message():
     import torch
 
-    from stages.common import cpu_has_bf16, resolve_precision
+    from posttrain.runtime import cpu_has_bf16, resolve_precision
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_workdir, run_stage, tiny_params
 
 # The tiny lifecycle's models are barely trained (greedy answers are whitespace, which the stage drops), so
@@ -98,7 +97,7 @@ def test_logits_distillation_beats_an_untrained_student(teacher, tmp_path, share
 
 
 def test_eval_prompts_are_not_distilled(teacher, tmp_path):
-    from stages.config import load_config
+    from posttrain.config import load_config
     from stages.distill import DistillConfig, load_prompts
 
     wd = workdir_from(teacher, tmp_path / "wd", max_prompts=100000,
@@ -116,9 +115,9 @@ def test_eval_prompts_are_not_distilled(teacher, tmp_path):
 
 
 def test_student_initialised_from_the_teacher_copies_its_layers(teacher):
-    from stages.base import TinyModelConfig, build_tiny_model
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.tiny import TinyModelConfig, build_tiny_model
     from stages.distill import DistillError, init_from_teacher
-    from stages.models import load_model, load_tokenizer
 
     sft = teacher / "models/teacher"
     teacher, tok = load_model(sft), load_tokenizer(sft)
@@ -193,9 +192,9 @@ def test_logits_with_another_tokenizer_stops_before_training(teacher, tmp_path):
 
 
 def test_a_teacher_with_only_empty_answers_stops(teacher, tmp_path):
-    from stages.distill import DistillError
-
     from transformers import AutoModelForCausalLM
+
+    from stages.distill import DistillError
 
     wd = workdir_from(teacher, tmp_path / "wd", teacher="models/mute", max_prompts=16)
     mute = AutoModelForCausalLM.from_pretrained(wd / "models/teacher")

@@ -6,12 +6,10 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
 from conftest import make_workdir, run_stage, tiny_params
 
 NAME = "tiny-student"
@@ -20,7 +18,7 @@ TABLE = {  # a small evaluate table (the evaluate stage itself is tested elsewhe
     "sft": {"perplexity": 120.0, "instruction_em": 0.25, "cot_accuracy": 0.1, "params": 30000},
 }
 LOCK = {"schema": "2.0", "stages": {
-    "sft": {"cmd": "python -m stages.launch sft", "outs": [{"path": "models/sft", "md5": "abc123.dir"}]},
+    "sft": {"cmd": "python -m stages.sft", "outs": [{"path": "models/sft", "md5": "abc123.dir"}]},
     "export": {"cmd": "python -m stages.export", "outs": [{"path": "models/export", "md5": "old.dir"}]},
 }}
 
@@ -57,7 +55,7 @@ def exported(lifecycle, tmp_path_factory):
 def test_export_is_a_merged_hf_model_that_reloads_and_generates(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.models import is_adapter_dir, load_model
+    from posttrain.models import is_adapter_dir, load_model
 
     wd = exported["workdir"]
     out = wd / "models/export"
@@ -104,7 +102,7 @@ def test_registry_holds_each_export_as_a_version_with_alias_and_tags(exported):
 def test_model_card_lists_lineage_params_data_and_evaluation(exported):
     from huggingface_hub import ModelCard
 
-    from stages.common import digest
+    from posttrain.files import digest
 
     wd = exported["workdir"]
     card = ModelCard.load(wd / "models/export/README.md")
@@ -126,7 +124,7 @@ def test_model_card_lists_lineage_params_data_and_evaluation(exported):
 def test_generate_from_the_registry_matches_the_folder(exported, monkeypatch):
     from transformers import AutoTokenizer
 
-    from stages.generate import load, main
+    from posttrain.generate import load, main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported["uri"])
     prompt = "Sort the numbers.\\n\\n3 1 2"

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_workdir
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -192,7 +191,7 @@ def test_one_mlflow_parent_per_flow_run_with_stage_runs_under_it(flow_run):
 
 
 def test_compare_reads_the_lifecycle_back(flow_run, monkeypatch):
-    from stages.compare import main
+    from posttrain.compare import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", flow_run["uri"])
     text = main(["--last", "3", "--params", str(flow_run["repo"] / "params.yaml"), "--metrics", "sft.*loss"])

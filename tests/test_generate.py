@@ -11,9 +11,9 @@ MAX = ["--max-new-tokens", "6"]
 
 
 def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
-    from stages.generate import main
-    from stages.models import load_model, load_tokenizer
-    from stages.scoring import generate
+    from posttrain.generate import main
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.scoring import generate
 
     sft = str(lifecycle["workdir"] / "models/sft")
     answers = main(["--model", sft, *MAX, "Count the words.\\n\\nred fox"])
@@ -28,8 +28,8 @@ def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
 def test_an_adapter_folder_generates_like_its_merged_model(lifecycle, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from stages.generate import load, main
-    from stages.models import load_model, load_tokenizer, save_model
+    from posttrain.generate import load, main
+    from posttrain.models import load_model, load_tokenizer, save_model
 
     sft = lifecycle["workdir"] / "models/sft"
     model = get_peft_model(load_model(sft), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
@@ -47,8 +47,8 @@ def test_an_adapter_folder_generates_like_its_merged_model(lifecycle, tmp_path):
 
 
 def test_chat_keeps_the_conversation_and_resets(lifecycle):
-    from stages.generate import main, reply
-    from stages.models import load_model, load_tokenizer
+    from posttrain.generate import main, reply
+    from posttrain.models import load_model, load_tokenizer
 
     sft = str(lifecycle["workdir"] / "models/sft")
     out = io.StringIO()
@@ -63,8 +63,8 @@ def test_chat_keeps_the_conversation_and_resets(lifecycle):
 
 
 def test_a_long_chat_drops_the_oldest_turns_to_fit(lifecycle):
-    from stages.generate import reply
-    from stages.models import load_model, load_tokenizer
+    from posttrain.generate import reply
+    from posttrain.models import load_model, load_tokenizer
 
     sft = lifecycle["workdir"] / "models/sft"
     model, tok = load_model(sft), load_tokenizer(sft)
@@ -74,7 +74,7 @@ def test_a_long_chat_drops_the_oldest_turns_to_fit(lifecycle):
 
 
 def test_bad_invocations_explain_themselves(tmp_path):
-    from stages.generate import main
+    from posttrain.generate import main
 
     with pytest.raises(SystemExit, match="no such model folder"):
         main(["--model", str(tmp_path / "models/nope"), "hi"])

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_workdir, tiny_params
 
 # Enough steps for the tiny model to move its metrics, still seconds per stage.

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import make_workdir, run_stage, tiny_params
-from stages.models import is_adapter_dir, load_model, load_tokenizer
+
+from posttrain.models import is_adapter_dir, load_model, load_tokenizer
 
 METHODS = ["full", "freeze", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
 

@@ -1,4 +1,4 @@
-"""A training stage across 2 CPU processes (DDP over gloo) through `python -m stages.launch`, what dvc.yaml runs.
+"""A training stage across 2 CPU processes (DDP over gloo) through `python -m stages.sft` with params.yaml `launch` set, what dvc.yaml runs.
 
 Both ranks train (each logs its rank; the trainer's data-parallel world is 2, so one step takes two ranks'
 batches), and rank 0 alone writes the model, the metrics and the MLflow run; the saved model reloads.
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_workdir, tiny_params
 
 DDP = {"config": "configs/accelerate/ddp.yaml", "num_processes": 2, "main_process_port": 0}
@@ -28,7 +27,7 @@ def two_process_sft(lifecycle, tmp_path_factory):
         shutil.copytree(built / path, work / path)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", LIFECYCLE_ID="ddp",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run([sys.executable, "-m", "stages.launch", "sft"], cwd=work, env=env,
+    proc = subprocess.run([sys.executable, "-m", "stages.sft"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
     return {"work": work, "proc": proc, "single": lifecycle["metrics"]["sft"]}
 
@@ -47,7 +46,7 @@ def test_both_ranks_train_one_data_parallel_job(two_process_sft):
 def test_rank_zero_alone_writes_and_the_model_reloads(two_process_sft):
     import mlflow
 
-    from stages.models import load_model
+    from posttrain.models import load_model
 
     work = two_process_sft["work"]
     assert two_process_sft["proc"].returncode == 0
@@ -60,7 +59,7 @@ def test_rank_zero_alone_writes_and_the_model_reloads(two_process_sft):
 
 
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
-    from stages.common import atomic_dir, write_json
+    from posttrain.files import atomic_dir, write_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RANK", "1")
@@ -73,8 +72,8 @@ def test_other_ranks_write_nothing(tmp_path, monkeypatch):
 def test_launcher_commands_and_shipped_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from stages.config import ConfigError
-    from stages.launch import LaunchConfig, command
+    from posttrain.config import ConfigError
+    from posttrain.launch import LaunchConfig, command
 
     repo = Path(__file__).resolve().parent.parent
     plain, env = command(LaunchConfig(config="", num_processes=0, main_process_port=0), "sft", "params.yaml", cuda=False)

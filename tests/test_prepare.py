@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.common import REPO_ROOT, read_jsonl
-from stages.config import ConfigError, load_config
+from posttrain.config import ConfigError, load_config
+from posttrain.files import REPO_ROOT, read_jsonl
 from stages.prepare import PrepareConfig, build_mixture, dedupe, mixture_counts, run, split
 
 OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import make_workdir, run_stage, tiny_params
-from stages.common import digest
+
+from posttrain.files import digest
 
 
 def workdir_from(src: Path, path: Path, **overrides) -> Path:

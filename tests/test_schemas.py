@@ -7,9 +7,9 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 
+from posttrain.readers import validate_frame
 from schemas import KINDS, SCHEMAS
 from schemas.checks import MAX_CHARS
-from stages.readers import validate_frame
 
 PATH = "data/raw/x.jsonl"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_workdir, run_stage, tiny_params
-from stages.common import atomic_dir
-from stages.training import StaleCheckpointError
+
+from posttrain.files import atomic_dir
+from posttrain.training import StaleCheckpointError
 
 
 def workdir_after_cpt(lifecycle, path: Path, **overrides) -> Path:
@@ -77,7 +77,7 @@ def test_atomic_dir_leaves_old_output_when_the_block_fails(tmp_path):
 
 
 def test_a_checkpoint_half_written_when_killed_is_dropped_and_the_previous_one_resumed(tmp_path, monkeypatch):
-    from stages.training import prepare_checkpoints
+    from posttrain.training import prepare_checkpoints
 
     monkeypatch.chdir(tmp_path)
     root = Path("checkpoints/sft")

@@ -6,9 +6,9 @@ as their modules are imported and, at exit, appends one JSON line per process to
 time and the self time spent in each phase:
 
   imports      executing modules on import (torch, transformers, trl, mlflow, ... and the stages)
-  config       stages.config.load_config
-  mlflow       stages.tracking (stage runs, metrics, model artifacts) and transformers' MLflowCallback
-  model_io     stages.models: loading models/tokenizers (adapter chains merged) and saving them
+  config       posttrain.config.load_config
+  mlflow       posttrain.tracking (stage runs, metrics, model artifacts) and transformers' MLflowCallback
+  model_io     posttrain.models: loading models/tokenizers (adapter chains merged) and saving them
   checkpoints  Trainer._save_checkpoint (crash safety)
   train        Trainer.train, less the nested phases above
   eval         Trainer.evaluate
@@ -79,10 +79,10 @@ if os.environ.get("LIFECYCLE_TIMING"):
         return wrapper
 
     _PATCHES = {
-        "stages.config": [("load_config", "config", _timed)],
-        "stages.tracking": [("stage_run", "mlflow", _timed_cm), ("log_stage_metrics", "mlflow", _timed),
+        "posttrain.config": [("load_config", "config", _timed)],
+        "posttrain.tracking": [("stage_run", "mlflow", _timed_cm), ("log_stage_metrics", "mlflow", _timed),
                             ("log_model_dir", "mlflow", _timed), ("lifecycle_run", "mlflow", _timed)],
-        "stages.models": [(n, "model_io", _timed) for n in ("load_model", "load_tokenizer", "load_for_training",
+        "posttrain.models": [(n, "model_io", _timed) for n in ("load_model", "load_tokenizer", "load_for_training",
                                                               "save_model")],
     }
     _CLASS_PATCHES = {

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+import time
 
 import torch
+
+from posttrain.chat import encode_prompts, prompt_and_answer_ids
 
 REFUSAL_MARKERS = ("i can't help", "i cannot help", "i can not help", "i won't help", "i'm sorry, but")
 
@@ -37,12 +41,9 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy completions for chat prompts (lists of messages), batched with left padding."""
     model.eval()
-    tokenizer.padding_side = "left"
     outputs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = encode_prompts(tokenizer, prompts[i : i + batch_size], model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -54,12 +55,9 @@ def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: flo
            batch_size: int) -> list[list[str]]:
     """k sampled completions (pure temperature sampling) per chat prompt, batched with left padding."""
     model.eval()
-    tokenizer.padding_side = "left"
     out: list[list[str]] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                 for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = encode_prompts(tokenizer, prompts[i : i + batch_size], model.device)
         ids = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                              num_return_sequences=k, max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -85,3 +83,49 @@ def final_answer(text: str) -> str | None:
 def is_refusal(text: str) -> bool:
     t = text.strip().lower()
     return any(t.startswith(m) or m in t[:80] for m in REFUSAL_MARKERS)
+
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int) -> float:
+    """Perplexity of `answers` (the teacher's) given their prompts, on the answer tokens only."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        ids, labels = [], []
+        for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size]):
+            h, t = prompt_and_answer_ids(tokenizer, p, a)
+            ids.append(h + t)
+            labels.append([-100] * len(h) + t)
+        width = max(map(len, ids))
+        pad = tokenizer.pad_token_id
+        x = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
+        y = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=model.device)
+        logits = model(input_ids=x, attention_mask=(x != pad) | (y != -100)).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((y[:, 1:] != -100).sum())
+    return float(torch.tensor(total / max(count, 1)).exp())
+
+
+@torch.no_grad()
+def generation_speed(models: dict, prompts, max_new_tokens: int, rounds: int) -> dict[str, float]:
+    """Greedy tokens/s of each (model, tokenizer) on the same prompts, each generating exactly max_new_tokens.
+
+    Rounds alternate between the models so that load from other processes hits them alike; the first
+    round warms up and is dropped, the median of the others is kept.
+    """
+    batches = {}
+    for name, (model, tok) in models.items():
+        batches[name] = encode_prompts(tok, prompts, model.device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds + 1):
+        for name, (model, tok) in models.items():
+            model.eval()
+            start = time.perf_counter()
+            model.generate(**batches[name], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tok.pad_token_id)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: len(prompts) * max_new_tokens / statistics.median(t[1:]) for name, t in times.items()}

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from stages.common import digest, git_commit, is_main_process
+from posttrain.files import digest, git_commit, is_main_process
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stages.config import AdapterConfig
+from posttrain.config import AdapterConfig
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
@@ -23,7 +23,7 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def _resolve(path: str) -> str:
+def local_path(path: str) -> str:
     """An existing local path made absolute (so transformers never mistakes it for a hub id)."""
     p = Path(path)
     return str(p.resolve()) if not p.is_absolute() and p.exists() else path
@@ -32,14 +32,14 @@ def _resolve(path: str) -> str:
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(str(path)))
+    return AutoTokenizer.from_pretrained(local_path(str(path)))
 
 
 def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = False, dtype=torch.float32):
     """Load a stage's model by local path or Hugging Face id; adapters are applied (and merged)."""
     from transformers import AutoModelForCausalLM
 
-    path = _resolve(str(path))
+    path = local_path(str(path))
     if not is_adapter_dir(path):
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -61,7 +61,7 @@ def base_of_adapter(adapter_dir: str | Path) -> str:
     return str(local.resolve()) if not Path(base).is_absolute() and local.exists() else base
 
 
-P_TUNING_ENCODER_HIDDEN = 64  # width of peft's MLP prompt encoder for method=p_tuning (stages.plan counts it)
+P_TUNING_ENCODER_HIDDEN = 64  # width of peft's MLP prompt encoder for method=p_tuning (posttrain.plan counts it)
 
 
 def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
@@ -72,7 +72,7 @@ def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     if m in ("full", "freeze"):
         return None
     if m == "qlora":
-        _require_qlora()
+        require_qlora()
     if m in ("lora", "qlora", "dora"):
         return peft.LoraConfig(
             task_type=task_type, r=adapter.lora_r, lora_alpha=adapter.lora_alpha,
@@ -93,7 +93,7 @@ def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     raise ValueError(f"unknown adapter method {m!r}")
 
 
-def _require_qlora() -> None:
+def require_qlora() -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("method=qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible. "
                            "Use method: lora on CPU.")
@@ -106,13 +106,13 @@ def _require_qlora() -> None:
 def load_for_training(path: str | Path, adapter: AdapterConfig, trust_remote_code: bool = False):
     """Load the model a stage trains from: 4-bit for qlora, merged weights otherwise."""
     if adapter.method == "qlora":
-        _require_qlora()
+        require_qlora()
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         if is_adapter_dir(path):
             raise RuntimeError(f"qlora over an adapter folder ({path}) is not supported: export/merge it first")
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        return AutoModelForCausalLM.from_pretrained(_resolve(str(path)), quantization_config=bnb,
+        return AutoModelForCausalLM.from_pretrained(local_path(str(path)), quantization_config=bnb,
                                                     trust_remote_code=trust_remote_code)
     model = load_model(path, merge=True, trust_remote_code=trust_remote_code)
     if hasattr(model, "peft_config"):

@@ -1,19 +1,17 @@
-"""launch: start a training stage as one process, or across several under `accelerate launch`.
+"""Starting a training stage across several processes under `accelerate launch`.
 
-    python -m stages.launch sft        # what dvc.yaml runs for the training stages
-
-params.yaml `launch.config` is "" (one plain process: `python -m stages.sft`) or an accelerate config file
-shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); the stage then runs as
+params.yaml `launch.config` is "" (one plain process: `python -m stages.sft` runs the stage itself) or an
+accelerate config file shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); `python -m
+stages.sft` then re-executes itself (posttrain.cli) as
 `accelerate launch --config_file <config> [--num_processes N] -m stages.sft`. On a machine without CUDA the
 DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed need CUDA GPUs
 (accelerate would quietly fall back to DDP on CPU, so the launcher refuses instead).
 Every process runs the stage's own `run(cfg)`: the trainer shards the data across ranks and all-reduces
-the gradients, and only the main process writes outputs, metrics and MLflow runs (stages.common.is_main_process).
+the gradients, and only the main process writes outputs, metrics and MLflow runs (posttrain.files.is_main_process).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -22,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from stages.config import PARAMS_FILE, ConfigError, load_config
+from posttrain.config import ConfigError
 
 GPU_ONLY = ("FSDP", "DEEPSPEED")
+LAUNCHED = "POSTTRAIN_LAUNCHED"  # set in the processes accelerate starts: they run the stage, not launch again
 
 
 @dataclass(frozen=True)
@@ -34,12 +33,11 @@ class LaunchConfig:
     main_process_port: int  # rendezvous port; 0 = a free port on this machine (single-machine runs)
 
 
-def command(cfg: LaunchConfig, stage: str, params: str, cuda: bool) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run `stage` as `cfg` says."""
+def command(cfg: LaunchConfig, stage: str, params: str, cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run `stage` under accelerate as `cfg` says (cuda: default, this machine's)."""
     module = ["-m", f"stages.{stage}", "--params", params]
-    env = dict(os.environ)
-    if not cfg.config:
-        return [sys.executable, *module], env
+    env = dict(os.environ, **{LAUNCHED: "1"})
+    cuda = _cuda() if cuda is None else cuda
     if not Path(cfg.config).is_file():
         raise ConfigError(f"[launch.config] {cfg.config}: no such accelerate config file (see configs/accelerate/)")
     kind = (yaml.safe_load(Path(cfg.config).read_text()) or {}).get("distributed_type", "NO")
@@ -67,21 +65,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.launch", description="Run a training stage as params.yaml `launch` says.")
-    parser.add_argument("stage", help="stage module in stages/, e.g. sft")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    if not (Path(__file__).parent / f"{args.stage}.py").is_file():
-        raise SystemExit(f"launch: no stage module stages/{args.stage}.py")
-    try:
-        cfg = load_config("launch", LaunchConfig, args.params)
-        cmd, env = command(cfg, args.stage, args.params, cuda=bool(cfg.config) and _cuda())
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    print("[launch] " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
-    os.execve(sys.executable, cmd, env)  # the stage (or the launcher) replaces this process: exit code and signals pass through
-
-
-if __name__ == "__main__":
-    main()
+def describe(cmd: list[str]) -> str:
+    """The command as a person would type it (without the interpreter's path)."""
+    return " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)

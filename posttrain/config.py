@@ -8,6 +8,7 @@ Top-level keys (`seed`, `tracking`) reach a stage when its dataclass declares a 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -16,12 +17,34 @@ from typing import Any, Literal
 
 import yaml
 
+# Nothing downloads at run time: models and data come from this repo or local paths. Every stage and tool
+# reads its config first, so this is set before transformers loads. HF_HUB_OFFLINE=0 lets a stage fetch a hub id.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A run's output is progress and results. The memory measurement profiles a few steps on CPU; without these,
+# torch's profiler prints `USDT: ... profiler_start` lines and c10's allocator a warning per profiled window.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's USDT level (read when profiling starts)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch loads: stages import this module first
+
 PARAMS_FILE = "params.yaml"
 GLOBAL_KEYS = ("seed", "tracking")
+DEFAULTS_KEY = "defaults"  # shared blocks, merged under each stage's own (stage_section)
+SHARED_BLOCKS = ("adapter", "train")
 
 
-class ConfigError(ValueError):
+class StageError(ValueError):
+    """A stage cannot run as configured or on the data it was given. Nothing was written.
+
+    `python -m stages.<name>` prints `<label>: <message>` and exits 1 instead of a traceback.
+    """
+
+    label = "error"
+
+
+class ConfigError(StageError):
     """A params.yaml value is missing, unknown or of the wrong type."""
+
+    label = "config error"
 
 
 @dataclass(frozen=True)
@@ -75,15 +98,36 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
-def load_config(stage: str, cls: type, path: str | Path = PARAMS_FILE, params: dict | None = None):
-    """Build `cls` from the `stage` section of params.yaml (plus any declared top-level keys)."""
-    params = read_params(path) if params is None else params
+def stage_section(params: dict, stage: str, path: str | Path = PARAMS_FILE) -> dict:
+    """The `stage` section of params.yaml with the shared blocks of `defaults` under it.
+
+    params.yaml `defaults` holds the `adapter` and `train` blocks once; a stage's own `adapter` / `train`
+    keys win over them. Only blocks the stage writes (even as `{}`) are merged: `train: {}` reads as the
+    defaults alone, a stage without `train` gets none.
+    """
     if stage not in params:
         raise ConfigError(f"[{stage}] section missing from {path}")
     section = params[stage]
     if not isinstance(section, dict):
         raise ConfigError(f"[{stage}] expected a mapping, got {type(section).__name__}")
     data = dict(section)
+    shared = params.get(DEFAULTS_KEY) or {}
+    unknown = sorted(set(shared) - set(SHARED_BLOCKS))
+    if unknown:
+        raise ConfigError(f"[{DEFAULTS_KEY}] unknown block(s): {', '.join(unknown)} (known: {', '.join(SHARED_BLOCKS)})")
+    for block, defaults in shared.items():
+        if block in data:
+            own = data[block] or {}
+            if not isinstance(own, dict):
+                raise ConfigError(f"[{stage}.{block}] expected a mapping, got {own!r}")
+            data[block] = {**defaults, **own}
+    return data
+
+
+def load_config(stage: str, cls: type, path: str | Path = PARAMS_FILE, params: dict | None = None):
+    """Build `cls` from the `stage` section of params.yaml (plus any declared top-level keys)."""
+    params = read_params(path) if params is None else params
+    data = stage_section(params, stage, path)
     for key in GLOBAL_KEYS:
         if key in {f.name for f in dataclasses.fields(cls)}:
             if key in data:
@@ -138,22 +182,3 @@ def _coerce(tp: Any, value: Any, where: str):
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"[{where}] expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
-
-
-
-
-def cli(stage: str, cls: type, run, argv: list[str] | None = None):
-    """`python -m stages.<stage> [--params FILE]`: load the stage's config and run it."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage.")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(stage, cls, args.params)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    metrics = run(cfg)
-    print(json.dumps(metrics, indent=2, default=str))
-    return metrics

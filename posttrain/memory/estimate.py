@@ -1,39 +1,29 @@
-"""plan: estimate each training stage's peak memory before it runs, per fine-tuning method, and what fits a budget.
+"""The memory estimate of a training step: weights, gradients, optimizer states, activations, LM head and (CPU)
+runtime, from a model's shape and the stage's settings; also read off a live trainer (`trainer_estimate`),
+which every training stage logs next to what it measured (posttrain.memory.measure).
 
-    python -m stages.plan                          # this machine, every training stage in params.yaml
-    python -m stages.plan --device cuda --budget-gib 24 --stages sft --seq-len 1024
-
-Reads params.yaml (never writes): for each training stage, its model's shape (config.json of a built or
-Hugging Face model, or `base.tiny` before the base stage has run), precision, batch size, max_length and
-adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning) it prints
   weights    all parameters as loaded (fp32; qlora: 4-bit linear layers) + a frozen reference where TRL keeps one
   grads      fp32, trainable parameters only; with one micro-batch per step backward makes them as it frees the
              activations (zero_grad drops them), so only what they exceed the activations and head by counts
   optimizer  AdamW: two fp32 states per trainable parameter
-  activations what autograd saves for backward: per token and layer from the shape (coefficients measured on
-             Llama/Qwen blocks, fp32 and bf16 autocast; see ACT_*), x tokens in the largest batch, times the
-             method's share (freeze: the trained layers only; LoRA saves a little less, DoRA more);
-             gradient checkpointing keeps one hidden state per layer plus one layer's worth
+  activations what autograd saves for backward: per token and layer from the shape (coefficients in ACT_*),
+             x tokens in the largest batch, times the method's share (freeze: the trained layers only; LoRA
+             saves a little less, DoRA more); gradient checkpointing keeps one hidden state per layer plus one
+             layer's worth
   lm head    the fused cross-entropy's tiles (TRL scores the vocabulary in 4096-token x 32768-column tiles), or
              with loss_head=compact (cpt/sft on CPU) the logits of the labelled tokens
   runtime    CPU only: what peak RSS holds beyond the tensors (oneDNN scratch, allocator slack; see
              CPU_RUNTIME_LAYERS), less what is allocated but never touched (the fused head's buffer past
              the vocabulary); `tensors` = total - runtime, what CUDA's max allocated counts
-and the largest batch that fits `--budget-gib`. Every training stage also logs `plan_estimate_mb` next to its
-measured `train_peak_memory_mb` (stages.training.train_with_resume calls `trainer_estimate`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 MiB = 2**20
 METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
-TRAINING_STAGES = ("cpt", "sft", "reward", "align", "rft", "distill")
 
 # Bytes autograd keeps per token, per decoder layer, for each unit of a dimension: hidden h, query width
 # q = heads x head_dim, key/value width kv = kv_heads x head_dim, MLP width I. Measured with
@@ -57,7 +47,7 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: toke
 # Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
 # temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
 CPU_TILE_COPIES = 7.5
-# loss_head=compact (stages.lm_head) at its peak (backward): the saved log-softmax, its gradient, the logits'
+# loss_head=compact (posttrain.lm_head) at its peak (backward): the saved log-softmax, its gradient, the logits'
 # gradient and its compute-dtype copy. Measured peak RSS per [labelled token x vocab] entry: 12.7 (bf16 autocast)
 # and 12.9 (fp32), 4096 and 8192 tokens x 8192 vocab.
 COMPACT_BYTES = 13
@@ -112,7 +102,7 @@ def shape_of(config) -> Shape:
 
 
 def trainable_params(shape: Shape, method: str, adapter) -> int:
-    """Parameters the optimizer updates for `method` (adapter: a stages.config.AdapterConfig or alike)."""
+    """Parameters the optimizer updates for `method` (adapter: a posttrain.config.AdapterConfig or alike)."""
     h, L = shape.hidden, shape.layers
     targets = [m for m in adapter.target_modules if m in shape.modules()]
     dims = [shape.modules()[m] for m in targets]
@@ -131,7 +121,7 @@ def trainable_params(shape: Shape, method: str, adapter) -> int:
     if method == "prefix_tuning":
         return adapter.num_virtual_tokens * 2 * L * shape.kv
     if method == "p_tuning":  # peft's MLP prompt encoder: h -> e -> e -> h, with biases
-        from stages.models import P_TUNING_ENCODER_HIDDEN as e
+        from posttrain.models import P_TUNING_ENCODER_HIDDEN as e
 
         return adapter.num_virtual_tokens * h + (h * e + e) + (e * e + e) + (e * h + h)
     raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
@@ -154,7 +144,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     rejected in one batch, fused LM head), "reward" (pairs, a score head instead of the LM head), "online"
     (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
     total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
-    loss_head: "fused" (TRL's tiled head) or "compact" (stages.lm_head: plain logits where a label is).
+    loss_head: "fused" (TRL's tiled head) or "compact" (posttrain.lm_head: plain logits where a label is).
     labelled_tokens: the most tokens with a label (SFT's completions) one batch can hold, which compact
     projects (default: every token of the batch).
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.
@@ -324,7 +314,7 @@ def trainer_estimate(trainer) -> dict:
     layers_trained = _layers_trained(base)
     if method == "full" and trainable < total and layers_trained is not None:
         method = "freeze"
-    adapter = _AdapterShape(freeze_train_top_k=layers_trained or shape.layers,
+    adapter = AdapterShape(freeze_train_top_k=layers_trained or shape.layers,
                             num_virtual_tokens=getattr(getattr(model, "peft_config", {}).get("default"),
                                                        "num_virtual_tokens", 0) or 0)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -339,7 +329,7 @@ def trainer_estimate(trainer) -> dict:
 
 
 @dataclass(frozen=True)
-class _AdapterShape:
+class AdapterShape:
     freeze_train_top_k: int
     num_virtual_tokens: int
     target_modules: tuple = ()
@@ -356,154 +346,3 @@ def _layers_trained(model) -> int | None:
 def _on_cuda(model) -> bool:
     p = next(model.parameters(), None)
     return p is not None and p.device.type == "cuda"
-
-
-# ---------------------------------------------------------------- the command
-
-
-def stage_model_shape(stage: str, params: dict) -> tuple[Shape, str]:
-    """(shape, where it came from) of the model `stage` trains, built or not yet built."""
-    section = params[stage]
-    if stage == "distill":
-        student = section["student"]
-        teacher, _ = _shape_at(section["teacher"], params)
-        if student["source"] == "tiny":
-            return _tiny_shape(student["tiny"], teacher.vocab), "distill.student.tiny"
-        return _shape_at(student["source"], params)
-    return _shape_at(section["model"], params)
-
-
-def stage_model_shape_teacher(params: dict) -> Shape:
-    return _shape_at(params["distill"]["teacher"], params)[0]
-
-
-def _shape_at(path: str, params: dict) -> tuple[Shape, str]:
-    from stages.models import _resolve, is_adapter_dir
-
-    local = Path(_resolve(path))
-    while local.exists() and is_adapter_dir(local):
-        base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
-        local = Path(_resolve(base)) if Path(_resolve(base)).exists() else (local / base).resolve()
-    if (local / "config.json").exists():
-        from transformers import AutoConfig
-
-        return shape_of(AutoConfig.from_pretrained(local)), str(path)
-    if path.startswith("models/"):  # not built yet: every stage descends from base
-        base = params["base"]
-        if base["source"] == "tiny":
-            return _tiny_shape(base["tiny"], base["tokenizer"]["vocab_size"]), "base.tiny (not built yet)"
-        return _shape_at(base["source"], params)
-    from transformers import AutoConfig
-
-    try:
-        return shape_of(AutoConfig.from_pretrained(path)), path
-    except OSError as e:
-        raise SystemExit(f"plan: cannot read the config of {path!r} ({e}); build it or set HF_HUB_OFFLINE=0")
-
-
-def _tiny_shape(tiny: dict, vocab: int) -> Shape:
-    return Shape(vocab=vocab, hidden=tiny["hidden_size"], layers=tiny["num_layers"], heads=tiny["num_heads"],
-                 kv_heads=tiny["num_kv_heads"], head_dim=tiny["hidden_size"] // tiny["num_heads"],
-                 intermediate=tiny["intermediate_size"], tied=tiny["tie_word_embeddings"])
-
-
-def stage_kind(stage: str, section: dict) -> str:
-    if stage == "reward":
-        return "reward"
-    if stage == "align":
-        return {"dpo": "pairs", "orpo": "pairs", "kto": "sft"}.get(section["method"], "online")
-    return "sft"
-
-
-def resolve_for(device: str, precision: str) -> str:
-    """precision as the stage would resolve it on `device` (auto: bf16 where it is native)."""
-    from stages.common import cpu_has_bf16
-
-    if precision != "auto":
-        return precision
-    return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
-
-
-def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_len: int | None,
-         batch: int | None) -> list[dict]:
-    from stages.config import AdapterConfig, TrainConfig, build
-    from stages.lm_head import resolve as resolve_loss_head
-
-    rows = []
-    for stage in stages:
-        section = params[stage]
-        shape, source = stage_model_shape(stage, params)
-        train = build(TrainConfig, section["train"], f"{stage}.train")
-        adapter = build(AdapterConfig, section["adapter"], f"{stage}.adapter") if "adapter" in section else None
-        precision = resolve_for(device, train.precision)
-        seq = seq_len or train.max_length
-        kind = stage_kind(stage, section)
-        b = batch or train.batch_size
-        methods = METHODS if adapter else ("full",)
-        adapter = adapter or _AdapterShape(freeze_train_top_k=shape.layers, num_virtual_tokens=0)
-        for method in methods:
-            if method == "qlora" and device != "cuda":
-                continue
-            ref = shape.params() if kind in ("pairs", "online") and method in ("full", "freeze") else 0
-            if stage == "distill" and section.get("method") == "logits":  # the teacher stays in memory
-                ref = stage_model_shape_teacher(params).params()
-            kw = dict(method=method, adapter=adapter, precision=precision, seq_len=seq, device=device, kind=kind,
-                      gradient_checkpointing=train.gradient_checkpointing, extra_frozen_params=ref,
-                      grad_accum=train.grad_accum,
-                      packed=stage == "cpt" or bool(section.get("packing")),
-                      loss_head=resolve_loss_head(section.get("loss_head", "fused"), device))
-            est = estimate(shape, batch=b, **kw)
-            rows.append({"stage": stage, "model": source, "params": shape.params(), "method": method,
-                         "configured": method == getattr(adapter, "method", "full"), "precision": precision,
-                         "batch": b, "seq_len": seq, **est, "fits": est["total"] <= budget_gib * 1024,
-                         "max_batch": max_batch(shape, budget_gib * 1024, **kw),
-                         "max_batch_ckpt": max_batch(shape, budget_gib * 1024,
-                                                     **{**kw, "gradient_checkpointing": True})})
-    return rows
-
-
-def _gib(mib: float) -> str:
-    return f"{mib / 1024:.2f}" if mib >= 1024 else f"{mib / 1024:.3f}"
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    import torch
-
-    from stages.config import read_params
-
-    parser = argparse.ArgumentParser(prog="python -m stages.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="plan for this device (default: this machine's)")
-    parser.add_argument("--budget-gib", type=float, default=24.0, help="memory budget (default 24 GiB)")
-    parser.add_argument("--stages", nargs="+", choices=TRAINING_STAGES, help="default: every training stage present")
-    parser.add_argument("--seq-len", type=int, help="sequence length (default: each stage's train.max_length)")
-    parser.add_argument("--batch", type=int, help="batch size (default: each stage's train.batch_size)")
-    parser.add_argument("--json", help="also write the rows here")
-    a = parser.parse_args(argv)
-    params = read_params(a.params)
-    stages = a.stages or [s for s in TRAINING_STAGES if s in params]
-    rows = plan(params, a.device, a.budget_gib, stages, a.seq_len, a.batch)
-    print(f"# memory plan: device {a.device}, budget {a.budget_gib:g} GiB (estimates in GiB; * = the configured method)")
-    for stage in stages:
-        srows = [r for r in rows if r["stage"] == stage]
-        if not srows:
-            continue
-        r0 = srows[0]
-        print(f"\n## {stage}: {r0['model']}, {r0['params'] / 1e6:.1f} M params, {r0['precision']}, "
-              f"batch {r0['batch']} x {r0['seq_len']} tokens\n")
-        print("| method | trainable | weights | grads | optimizer | activations | lm head | runtime | total | fits | "
-              "max batch | max batch (grad ckpt) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in srows:
-            print(f"| {r['method']}{' *' if r['configured'] else ''} | {r['trainable_params'] / 1e6:.2f} M | "
-                  + " | ".join(_gib(r[k]) for k in ("weights", "grads", "optimizer", "activations", "lm_head",
-                                                      "runtime", "total"))
-                  + f" | {'yes' if r['fits'] else 'no'} | {r['max_batch']} | {r['max_batch_ckpt']} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
-    return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from posttrain.config import StageError
 from schemas import KINDS, ROW_CHECK_COLUMNS, SCHEMAS
 from schemas.checks import explain, message_list
 
@@ -67,8 +68,10 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(StageError):
     """Bad input data; the message lists the problems (the first MAX_REPORTED of them)."""
+
+    label = "data error"
 
     def __init__(self, problems: Iterable[Problem]):
         self.problems = list(problems)

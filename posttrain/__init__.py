@@ -1,0 +1,1 @@
+"""The library beneath the stages (stages/): what they share, once, and the tools as entry points."""

@@ -1,0 +1,24 @@
+"""The end of every stage run: its model saved atomically, its metrics in MLflow and in metrics/<stage>.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.files import atomic_dir, write_json
+from posttrain.models import save_model
+from posttrain.tracking import log_model_dir, log_stage_metrics
+from posttrain.training import clear_checkpoints
+
+
+def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path: str | Path | None = None) -> dict:
+    """Inside the stage's MLflow run: save `model` (if given) into `cfg.out_dir` in one rename, log the metrics
+    and the model folder, write metrics/<stage>.json, then drop the stage's checkpoints (the run is complete)."""
+    if model is not None:
+        with atomic_dir(cfg.out_dir) as tmp:
+            save_model(model, tokenizer, tmp, base_path=base_path)
+    log_stage_metrics(metrics)
+    if model is not None:
+        log_model_dir(cfg.out_dir, cfg)
+    write_json(f"metrics/{stage}.json", metrics)
+    clear_checkpoints(stage)
+    return metrics

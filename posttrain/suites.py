@@ -1,0 +1,74 @@
+"""The held-out suites every model is scored on, and the preference measures (win rate, KL to a reference).
+
+Used by evaluate (every model of the lineage) and distill (teacher and student side by side).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.chat import prompt_and_answer_ids
+from posttrain.scoring import exact_match, final_answer, generate, is_refusal, perplexity
+
+SUITES = ("instruction", "cot", "harmful", "benign")
+
+
+def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg,
+                generations: dict | None = None):
+    """All suite scores of one model, plus a few sample generations per suite.
+
+    `cfg` gives max_new_tokens, batch_size, block_size and samples_per_suite (evaluate's or distill.eval).
+
+    `generations`, if given, receives every suite's generations (suite -> list of str).
+    """
+    gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
+            for s, rows in suites.items()}
+    if generations is not None:
+        generations.update(gens)
+    share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731
+    scores = {
+        "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size),
+        "instruction_em": share([exact_match(g, r["answer"]) for g, r in zip(gens["instruction"], suites["instruction"])]),
+        "cot_accuracy": share([final_answer(g) == r["answer"] for g, r in zip(gens["cot"], suites["cot"])]),
+        "refusal_rate": share([is_refusal(g) for g in gens["harmful"]]),
+        "over_refusal_rate": share([is_refusal(g) for g in gens["benign"]]),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    samples = [(s, rows[i]["prompt"][-1]["content"], gens[s][i], rows[i].get("answer", ""))
+               for s, rows in suites.items() for i in range(min(cfg.samples_per_suite, len(rows)))]
+    return scores, samples
+
+
+def win_rate(scores: list[float], against: list[float]) -> float:
+    """Share of prompts where `scores` beats `against`; a tie counts half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
+
+
+@torch.no_grad()
+def kl_along(model, ref, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int) -> float:
+    """Mean over prompts of KL(model || ref) summed over the answer's tokens (nats per answer).
+
+    At every position of the model's own answer the full next-token distributions are compared, so this is
+    the exact per-token KL along the model's trajectory rather than a sampled estimate.
+    """
+    model.eval()
+    ref.eval()
+    total = 0.0
+    for i in range(0, len(prompts), batch_size):
+        pairs = [prompt_and_answer_ids(tokenizer, p, a) for p, a in zip(prompts[i : i + batch_size],
+                                                                        answers[i : i + batch_size])]
+        head_ids = [h for h, _ in pairs]
+        full_ids = [h + t for h, t in pairs]
+        width = max(map(len, full_ids))
+        ids = torch.full((len(full_ids), width), tokenizer.pad_token_id)
+        attention = torch.zeros_like(ids)
+        scored = torch.zeros(len(full_ids), width - 1)  # position t predicts token t + 1
+        for j, (h, f) in enumerate(zip(head_ids, full_ids)):
+            ids[j, : len(f)], attention[j, : len(f)] = torch.tensor(f), 1
+            scored[j, len(h) - 1 : len(f) - 1] = 1
+        ids, attention = ids.to(model.device), attention.to(model.device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        logq = torch.log_softmax(ref(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        total += (kl.cpu() * scored).sum().item()
+    return total / len(prompts)

@@ -1,0 +1,127 @@
+"""What the training stages share: trainer arguments from TrainConfig, and checkpoint/resume.
+
+Checkpoints live in checkpoints/<stage>/ (outside DVC's outs, which DVC deletes before a stage runs)
+next to a fingerprint of the stage's config and input data. A re-run after a kill resumes from the
+last checkpoint; a checkpoint made with other params or data is refused, not silently mixed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from posttrain.config import TrainConfig
+from posttrain.files import digest
+from posttrain.memory.measure import MemoryWindow
+from posttrain.runtime import resolve_precision, set_threads
+
+CHECKPOINT_ROOT = Path("checkpoints")
+
+
+class StaleCheckpointError(RuntimeError):
+    pass
+
+
+def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int, **extra):
+    """Build a TRL/transformers *Config from TrainConfig; `extra` holds the trainer-specific fields."""
+    import torch
+
+    set_threads(train.num_threads)
+    precision = resolve_precision(train.precision)
+    return config_cls(
+        output_dir=str(output_dir),
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=int(train.warmup_ratio * train.max_steps),
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),  # lets transformers autocast bf16 on a CPU that has it
+        activation_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        report_to=["mlflow"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
+        **extra,
+    )
+
+
+def fingerprint(cfg, inputs: dict[str, str | Path]) -> str:
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    for name in sorted(inputs):
+        h.update(f"{name}={digest(inputs[name])}".encode())
+    return h.hexdigest()
+
+
+def prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
+    """Return (checkpoint dir, last checkpoint to resume from or None)."""
+    root = CHECKPOINT_ROOT / stage
+    stamp = root / "fingerprint.txt"
+    if root.exists() and stamp.exists() and stamp.read_text().strip() != fp:
+        raise StaleCheckpointError(
+            f"{root} holds a checkpoint of '{stage}' made with different params or data. "
+            f"Restore them to resume, or delete {root} to start this stage afresh."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp)
+    ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [c for c in ckpts if _is_complete(c)]
+    for c in ckpts:  # a kill while the Trainer was writing one leaves it half-written: drop it, keep the previous
+        if c not in complete:
+            print(f"[resume] {c} was not completely written (killed while saving); removing it", flush=True)
+            shutil.rmtree(c, ignore_errors=True)
+    return root, (str(complete[-1]) if complete else None)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after weights, optimizer and RNG state)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def clear_checkpoints(stage: str) -> None:
+    shutil.rmtree(CHECKPOINT_ROOT / stage, ignore_errors=True)
+
+
+def train_with_resume(trainer, resume_from: str | None) -> dict:
+    """Train (resuming if a checkpoint is given); return loss, wall time, real tokens/s, peak memory, world size.
+
+    Under a multi-process launch every rank trains (and says so in the log); the numbers are rank 0's,
+    except tokens, which TRL counts over all ranks.
+    """
+    from posttrain.runtime import peak_memory_mb
+
+    memory = MemoryWindow(trainer)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    rank, world = trainer.args.process_index, trainer.args.world_size
+    print(f"[train] rank {rank} of {world}: {trainer.state.global_step} steps in {wall:.1f}s", flush=True)
+    # TRL logs the running count of real (non-pad) tokens as 'num_tokens'.
+    tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
+    resumed = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+    steps_run = max(trainer.state.global_step - resumed, 1)
+    return {
+        "train_loss": result.training_loss,
+        "train_wall_s": wall,
+        "tokens_per_s": tokens * steps_run / max(trainer.state.global_step, 1) / wall if tokens else None,
+        "peak_memory_mb": peak_memory_mb(),
+        **memory.metrics(),
+        "resumed_from_step": resumed,
+        "world_size": world,
+    }
