@@ -122,3 +122,16 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
+
+
+def require_rows(path: str | Path, key: str, hint: str) -> list[dict]:
+    """The rows of a JSONL input; a missing or empty file is a ConfigError naming the params key and what to do
+    (a stage with no data stops before anything is written, never with a traceback)."""
+    from posttrain.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"[{key}] {path} does not exist: {hint}")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ConfigError(f"[{key}] {path} has no rows: {hint}")
+    return rows

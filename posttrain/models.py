@@ -19,14 +19,44 @@ from posttrain.config import AdapterConfig
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 
+PASSTHROUGH = "passthrough.json"  # the output of a switched-off stage: it names the model it passes on
+
+
 def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
+    return (Path(local_path(str(path))) / "adapter_config.json").exists()
 
 
 def local_path(path: str) -> str:
-    """An existing local path made absolute (so transformers never mistakes it for a hub id)."""
+    """An existing local path made absolute (so transformers never mistakes it for a hub id); a switched-off
+    stage's folder (`enabled: false`) is followed to the model it passes on."""
     p = Path(path)
+    target = passed_on(p)
+    if target is not None:
+        return local_path(target)
     return str(p.resolve()) if not p.is_absolute() and p.exists() else path
+
+
+def passed_on(folder: str | Path) -> str | None:
+    """The model a switched-off stage's folder passes on (a path relative to it, or a hub id), else None."""
+    pointer = Path(folder) / PASSTHROUGH
+    if not pointer.is_file():
+        return None
+    model = json.loads(pointer.read_text())["model"]
+    if model is None:
+        return None
+    local = Path(folder) / model
+    return str(local.resolve()) if not Path(model).is_absolute() and local.exists() else model
+
+
+def write_passthrough(out_dir: str | Path, model: str | None, stage: str) -> None:
+    """Make `out_dir` name `model` (None: the stage has no model to pass on) instead of holding weights."""
+    local = model is not None and Path(model).exists()
+    target = os.path.relpath(Path(model).resolve(), Path(out_dir).resolve()) if local else model
+    (Path(out_dir) / PASSTHROUGH).write_text(json.dumps({"model": target, "skipped_stage": stage}) + "\n")
+
+
+def is_passthrough(folder: str | Path) -> bool:
+    return (Path(folder) / PASSTHROUGH).is_file()
 
 
 def load_tokenizer(path: str | Path):

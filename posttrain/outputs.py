@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.files import atomic_dir, write_json
-from posttrain.models import save_model
-from posttrain.tracking import log_model_dir, log_stage_metrics
+from posttrain.models import save_model, write_passthrough
+from posttrain.tracking import log_model_dir, log_stage_metrics, stage_run
 from posttrain.training import clear_checkpoints
 
 
@@ -21,4 +21,21 @@ def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path
         log_model_dir(cfg.out_dir, cfg)
     write_json(f"metrics/{stage}.json", metrics)
     clear_checkpoints(stage)
+    return metrics
+
+
+def pass_through(stage: str, cfg, model: str | None) -> dict:
+    """A stage switched off (`<stage>.enabled: false`): its out_dir names `model` instead of holding weights, so
+    every later stage loads the input through it (posttrain.models.local_path); metrics say `skipped`."""
+    metrics = {"skipped": True, "model": model}
+    with stage_run(stage, cfg) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.set_tag("skipped", "true")
+        with atomic_dir(cfg.out_dir) as tmp:
+            write_passthrough(tmp, model, stage)
+        write_json(f"metrics/{stage}.json", metrics)
+    clear_checkpoints(stage)
+    print(f"[{stage}] switched off ({stage}.enabled: false): {cfg.out_dir} passes on {model}", flush=True)
     return metrics

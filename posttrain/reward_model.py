@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models import base_of_adapter, is_adapter_dir, load_model, load_tokenizer, local_path, require_qlora
+from posttrain.config import ConfigError
+from posttrain.models import (base_of_adapter, is_adapter_dir, is_passthrough, load_model, load_tokenizer, local_path,
+                              passed_on, require_qlora)
 
 
 def sequence_classifier(path: str | Path, quantize: bool = False):
@@ -80,7 +82,8 @@ def preference_rows(path: str) -> list[dict]:
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_source(path, "preference").rows]
     if not rows:
-        raise ValueError(f"{path}: no preference pairs")
+        raise ConfigError(f"{path}: no preference pairs; add a preference source to prepare.sources or switch the "
+                          "stage off (enabled: false)")
     return rows
 
 
@@ -90,3 +93,13 @@ def trl_pairs(rows: list[dict]):
 
     return Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+
+def has_reward_model(path: str | Path) -> bool:
+    """False where `path` is the folder of a switched-off reward stage (reward.enabled: false)."""
+    return not (is_passthrough(path) and passed_on(path) is None)
+
+
+def require_reward_model(path: str | Path, key: str, hint: str) -> None:
+    if not has_reward_model(path):
+        raise ConfigError(f"[{key}] {path} holds no reward model (reward.enabled: false): {hint}")

@@ -27,7 +27,7 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
         generations.update(gens)
     share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731
     scores = {
-        "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size),
+        "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size) if corpus else None,
         "instruction_em": share([exact_match(g, r["answer"]) for g, r in zip(gens["instruction"], suites["instruction"])]),
         "cot_accuracy": share([final_answer(g) == r["answer"] for g, r in zip(gens["cot"], suites["cot"])]),
         "refusal_rate": share([is_refusal(g) for g in gens["harmful"]]),

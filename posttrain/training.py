@@ -66,14 +66,22 @@ def fingerprint(cfg, inputs: dict[str, str | Path]) -> str:
 
 
 def prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
-    """Return (checkpoint dir, last checkpoint to resume from or None)."""
+    """Return (checkpoint dir, last checkpoint to resume from or None).
+
+    A folder whose fingerprint differs is refused only when it holds a checkpoint to lose: a run that failed
+    before its first checkpoint (bad data, a config error) left nothing worth keeping, so it is started afresh.
+    """
     root = CHECKPOINT_ROOT / stage
     stamp = root / "fingerprint.txt"
     if root.exists() and stamp.exists() and stamp.read_text().strip() != fp:
-        raise StaleCheckpointError(
-            f"{root} holds a checkpoint of '{stage}' made with different params or data. "
-            f"Restore them to resume, or delete {root} to start this stage afresh."
-        )
+        if any(_is_complete(c) for c in root.glob("checkpoint-*")):
+            raise StaleCheckpointError(
+                f"{root} holds a checkpoint of '{stage}' made with different params or data. "
+                f"Restore them to resume, or delete {root} to start this stage afresh."
+            )
+        print(f"[resume] {root} holds no checkpoint of these params and data (an earlier run stopped before its "
+              "first one): starting afresh", flush=True)
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fp)
     ckpts = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

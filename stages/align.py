@@ -29,8 +29,9 @@ from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainCo
 from posttrain.files import read_jsonl, write_jsonl
 from posttrain.models import (apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
                               peft_config, trainable_share)
-from posttrain.outputs import finish
-from posttrain.reward_model import load_reward_model, preference_rows, reward_scores, trl_pairs
+from posttrain.outputs import finish, pass_through
+from posttrain.reward_model import (load_reward_model, preference_rows, require_reward_model, reward_scores,
+                                    trl_pairs)
 from posttrain.runtime import set_seed
 from posttrain.scoring import exact_match, final_answer, sample
 from posttrain.tracking import stage_run
@@ -52,6 +53,7 @@ class GenerationConfig:
 class AlignConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     method: Literal["dpo", "kto", "orpo", "grpo", "rloo"]
     model: str  # policy start and reference
     train_file: str  # preference pairs (dpo / kto / orpo), any layout the readers know
@@ -250,6 +252,11 @@ TRACKED = {"dpo": ["loss", "rewards/margins", "rewards/accuracies"], "kto": ["lo
 
 
 def run(cfg: AlignConfig) -> dict:
+    if not cfg.enabled:
+        return pass_through("align", cfg, cfg.model)
+    if cfg.method in ONLINE or cfg.pairs == "policy":
+        require_reward_model(cfg.reward_model, "align.reward_model",
+                             "enable reward, or use a method of dpo / kto / orpo with align.pairs: data")
     set_seed(cfg.seed)
     if cfg.method in OFFLINE:
         inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}

@@ -10,11 +10,11 @@ from typing import Literal
 
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.files import read_jsonl
+from posttrain.files import require_rows
 from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from posttrain.lm_head import set_loss_head
 from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish
+from posttrain.outputs import finish, pass_through
 from posttrain.runtime import set_seed
 from posttrain.scoring import perplexity
 from posttrain.tracking import stage_run
@@ -25,6 +25,7 @@ from posttrain.training import fingerprint, prepare_checkpoints, train_with_resu
 class CPTConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     model: str  # the model to continue from (a stage's folder, a Hugging Face id or path)
     train_file: str
     eval_file: str
@@ -53,20 +54,25 @@ def run(cfg: CPTConfig) -> dict:
     from peft import get_peft_model
     from trl import SFTTrainer
 
+    if not cfg.enabled:
+        return pass_through("cpt", cfg, cfg.model)
+
     set_seed(cfg.seed)
+    hint = "add a source of kind corpus to prepare.sources, or set cpt.enabled: false"
+    train_texts = [r["text"] for r in require_rows(cfg.train_file, "cpt.train_file", hint)]
+    eval_texts = [r["text"] for r in require_rows(cfg.eval_file, "cpt.eval_file", hint)]
     resolve_kernels(cfg.kernels)  # kernels this machine lacks stop the stage here, before anything is written
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
     ckpt_dir, resume = prepare_checkpoints("cpt", fingerprint(cfg, inputs))
     with stage_run("cpt", cfg, inputs=inputs):
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
-        eval_texts = [r["text"] for r in read_jsonl(cfg.eval_file)]
         ppl_before = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
 
         apply_freeze(model, cfg.adapter)
         if (pc := peft_config(cfg.adapter)) is not None:
             model = get_peft_model(model, pc)
-        train_ds = Dataset.from_list([{"text": r["text"]} for r in read_jsonl(cfg.train_file)])
+        train_ds = Dataset.from_list([{"text": t} for t in train_texts])
         trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
                              processing_class=tokenizer)
         set_loss_head(trainer, cfg.loss_head)

@@ -28,7 +28,7 @@ from posttrain.cli import run_stage
 from posttrain.config import StageError, TrackingConfig, TrainConfig
 from posttrain.files import read_jsonl, write_jsonl
 from posttrain.models import load_model, load_tokenizer
-from posttrain.outputs import finish
+from posttrain.outputs import finish, pass_through
 from posttrain.runtime import set_seed
 from posttrain.scoring import answer_perplexity, generate, generation_speed
 from posttrain.suites import SUITES, score_model
@@ -49,6 +49,7 @@ class DistillError(StageError):
 class DistillConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     teacher: str  # model folder of any stage (merged or adapter) or a Hugging Face id / path
     method: Literal["sequence", "logits"]
     prompt_files: list[str]  # JSONL with a "prompt" (messages) column; held-out eval prompts are dropped
@@ -308,6 +309,9 @@ def run(cfg: DistillConfig) -> dict:
     import copy
 
     import mlflow
+
+    if not cfg.enabled:
+        return pass_through("distill", cfg, cfg.teacher)
 
     check_teacher(cfg.teacher)
     prompts = load_prompts(cfg)

@@ -18,8 +18,8 @@ from pathlib import Path
 from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
 from posttrain.files import read_jsonl, write_json
-from posttrain.models import load_model, load_tokenizer
-from posttrain.reward_model import load_reward_model, reward_scores
+from posttrain.models import load_model, load_tokenizer, local_path
+from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
 from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
 from posttrain.suites import SUITES, kl_along, score_model, win_rate
@@ -123,15 +123,26 @@ def run(cfg: EvaluateConfig) -> dict:
     preference_prompts = [r["prompt"] for r in read_jsonl(data / "preference_eval.jsonl")[: cfg.max_per_suite]]
     table, samples, judged = {}, {}, {}
     with stage_run("evaluate", cfg, inputs={"data": cfg.data_dir, "reward_model": cfg.reward_model, **cfg.models}):
-        judge = Judge(cfg, preference_prompts)
+        judge = Judge(cfg, preference_prompts) if has_reward_model(cfg.reward_model) and preference_prompts else None
+        scored: dict[str, str] = {}  # the model folder actually loaded -> the first name that scored it
         for name, path in cfg.models.items():
+            same = scored.get(local_path(path))
+            if same is not None:  # a switched-off stage passes this model on: the same model, scored once
+                table[name], samples[name], judged[name] = table[same], samples[same], judged[same]
+                print(f"[evaluate] {name}: the same model as {same} ({path} passes it on)", flush=True)
+                log_stage_metrics(table[name], prefix=f"{name}.")
+                continue
+            scored[local_path(path)] = name
             model, tokenizer = load_model(path), load_tokenizer(path)
             table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg)
-            preference, answers = judge(name, model, tokenizer)
+            if judge is None:
+                preference, answers = dict.fromkeys(PREFERENCE), []
+            else:
+                preference, answers = judge(name, model, tokenizer)
             table[name] = {**table[name], **preference}
             n = min(cfg.samples_per_suite, len(answers))
             judged[name] = list(zip([p[-1]["content"] for p in preference_prompts[:n]], answers[:n],
-                                    judge.score(answers[:n])))
+                                    judge.score(answers[:n]))) if judge is not None else []
             print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in table[name].items()
                                                       if v is not None), flush=True)
             log_stage_metrics(table[name], prefix=f"{name}.")

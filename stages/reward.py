@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
 from posttrain.models import apply_freeze, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish
+from posttrain.outputs import finish, pass_through
 from posttrain.reward_model import pairwise, preference_rows, sequence_classifier, trl_pairs
 from posttrain.runtime import set_seed
 from posttrain.tracking import stage_run
@@ -25,6 +25,7 @@ from posttrain.training import fingerprint, prepare_checkpoints, train_with_resu
 class RewardStageConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     model: str  # backbone: a stage's folder (adapter chains are merged), a Hugging Face id or a local path
     train_file: str  # preference pairs, in any layout posttrain.readers reads (validated before training)
     eval_file: str  # held-out pairs: pairwise accuracy and mean margin
@@ -38,6 +39,9 @@ class RewardStageConfig:
 def run(cfg: RewardStageConfig) -> dict:
     from peft import get_peft_model
     from trl import RewardConfig, RewardTrainer
+
+    if not cfg.enabled:
+        return pass_through("reward", cfg, None)
 
     set_seed(cfg.seed)
     train_rows, eval_rows = preference_rows(cfg.train_file), preference_rows(cfg.eval_file)

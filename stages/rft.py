@@ -16,7 +16,7 @@ from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
 from posttrain.files import read_jsonl
 from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish
+from posttrain.outputs import finish, pass_through
 from posttrain.runtime import set_seed
 from posttrain.scoring import final_answer, generate, sample
 from posttrain.tracking import stage_run
@@ -27,6 +27,7 @@ from posttrain.training import fingerprint, prepare_checkpoints, train_with_resu
 class RFTConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     model: str  # the sampler and the starting point
     train_file: str  # prompt-completion rows; those whose completion has a '#### N' answer are used
     eval_file: str  # {"prompt", "answer"} held out: accuracy before / after
@@ -58,7 +59,8 @@ def checkable(path: str, limit: int) -> list[dict]:
             seen.add(key)
             rows.append({"prompt": r["prompt"], "answer": answer})
     if not rows:
-        raise ValueError(f"{path}: no row has a completion with a '#### <answer>' final answer to check")
+        raise ConfigError(f"[rft.train_file] {path}: no row has a completion with a '#### <answer>' final answer to "
+                          "check; add a cot source to prepare.sources, or set rft.enabled: false")
     return rows[:limit]
 
 
@@ -81,6 +83,9 @@ def run(cfg: RFTConfig) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
+
+    if not cfg.enabled:
+        return pass_through("rft", cfg, cfg.model)
 
     set_seed(cfg.seed)
     prompts = checkable(cfg.train_file, cfg.max_prompts)

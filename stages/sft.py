@@ -13,11 +13,11 @@ from typing import Literal
 from posttrain.attention import resolve as resolve_attention, set_attention
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.files import read_jsonl
+from posttrain.files import require_rows
 from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from posttrain.lm_head import set_loss_head
 from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish
+from posttrain.outputs import finish, pass_through
 from posttrain.runtime import set_seed
 from posttrain.tracking import stage_run
 from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
@@ -27,6 +27,7 @@ from posttrain.training import fingerprint, prepare_checkpoints, train_with_resu
 class SFTStageConfig:
     seed: int
     tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     model: str
     train_file: str
     eval_file: str
@@ -42,10 +43,11 @@ class SFTStageConfig:
     out_dir: str
 
 
-def _dataset(path: str):
+def _dataset(path: str, key: str):
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)])
+    rows = require_rows(path, key, "add instruction, refusal or cot sources to prepare.sources, or set sft.enabled: false")
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 
 def training_args(cfg: SFTStageConfig, output_dir):
@@ -64,7 +66,11 @@ def run(cfg: SFTStageConfig) -> dict:
     from peft import get_peft_model
     from trl import SFTTrainer
 
+    if not cfg.enabled:
+        return pass_through("sft", cfg, cfg.model)
+
     set_seed(cfg.seed)
+    train_ds, eval_ds = _dataset(cfg.train_file, "sft.train_file"), _dataset(cfg.eval_file, "sft.eval_file")
     attention = resolve_attention(cfg.attention, cfg.packing)  # a kernel this machine lacks stops here, first
     resolve_kernels(cfg.kernels)  # likewise Liger's kernels where they cannot run
     inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
@@ -76,8 +82,8 @@ def run(cfg: SFTStageConfig) -> dict:
         apply_freeze(model, cfg.adapter)
         if (pc := peft_config(cfg.adapter)) is not None:
             model = get_peft_model(model, pc)
-        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=_dataset(cfg.train_file),
-                             eval_dataset=_dataset(cfg.eval_file), processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
+                             eval_dataset=eval_ds, processing_class=tokenizer)
         set_loss_head(trainer, cfg.loss_head)
         eval_loss_before = trainer.evaluate()["eval_loss"]
         result = train_with_resume(trainer, resume)

@@ -65,6 +65,6 @@ def test_a_train_file_without_checkable_answers_is_refused(lifecycle, tmp_path):
     wd = workdir_from(lifecycle["workdir"], tmp_path / "wd", rft={"train_file": "data/plain.jsonl"})
     row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]}
     (wd / "data/plain.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(ValueError, match=r"data/plain.jsonl: no row has a completion with a '#### <answer>' final"):
+    with pytest.raises(ValueError, match=r"\[rft.train_file\] data/plain.jsonl: no row has a completion with a '#### <answer>' final"):
         run_stage("rft", wd)
     assert not (wd / "models/rft").exists() and not (wd / "metrics/rft.json").exists()

@@ -89,3 +89,22 @@ def test_a_checkpoint_half_written_when_killed_is_dropped_and_the_previous_one_r
     ckpt_dir, resume = prepare_checkpoints("sft", "fp")
     assert resume == str(root / "checkpoint-10")
     assert not (root / "checkpoint-20").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, monkeypatch):
+    """A stage that stopped before any checkpoint (bad data, say) left only its fingerprint and maybe a cache:
+    a re-run with other params starts afresh instead of being refused as stale."""
+    from posttrain import training
+
+    monkeypatch.chdir(tmp_path)
+    root, resume = training.prepare_checkpoints("cpt", "fingerprint-of-the-failed-run")
+    (root / "policy_pairs.jsonl").write_text("{}\n")  # a cache of the failed run: not valid for other params
+    assert resume is None
+    root, resume = training.prepare_checkpoints("cpt", "fingerprint-of-the-fixed-run")
+    assert resume is None and (root / "fingerprint.txt").read_text() == "fingerprint-of-the-fixed-run"
+    assert not (root / "policy_pairs.jsonl").exists()
+    # with a complete checkpoint, other params are still refused
+    (root / "checkpoint-3").mkdir()
+    (root / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(StaleCheckpointError, match="made with different params or data"):
+        training.prepare_checkpoints("cpt", "yet-other-params")
