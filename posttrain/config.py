@@ -114,7 +114,8 @@ def stage_section(params: dict, stage: str, path: str | Path = PARAMS_FILE) -> d
     shared = params.get(DEFAULTS_KEY) or {}
     unknown = sorted(set(shared) - set(SHARED_BLOCKS))
     if unknown:
-        raise ConfigError(f"[{DEFAULTS_KEY}] unknown block(s): {', '.join(unknown)} (known: {', '.join(SHARED_BLOCKS)})")
+        raise ConfigError(f"[{DEFAULTS_KEY}] unknown block(s): {', '.join(unknown)} "
+                          f"(known: {', '.join(SHARED_BLOCKS)})")
     for block, defaults in shared.items():
         if block in data:
             own = data[block] or {}
@@ -146,11 +147,17 @@ def build(cls: type, data: Any, where: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"[{where}] unknown key(s): {', '.join(unknown)} (known: {', '.join(fields)})")
-    missing = [name for name in fields if name not in data]
+    # A field with a dataclass default may be left out (e.g. a source's optional `columns` mapping); every other
+    # key must be written, so params.yaml stays the one place values are set.
+    missing = [name for name, f in fields.items() if name not in data and not _has_default(f)]
     if missing:
         raise ConfigError(f"[{where}] missing key(s): {', '.join(missing)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _coerce(hints[name], data[name], f"{where}.{name}") for name in fields})
+    return cls(**{name: _coerce(hints[name], data[name], f"{where}.{name}") for name in fields if name in data})
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def _coerce(tp: Any, value: Any, where: str):

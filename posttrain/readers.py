@@ -1,11 +1,18 @@
 """Readers: raw files in the formats people have -> validated canonical rows of one declared kind.
 
-`read_source(path, kind)` reads JSONL, JSON (an array or {"data": [...]}), Parquet or CSV, detects
-the layout from the columns, turns every record into the kind's canonical row, validates the rows
-against the kind's pandera model (schemas/) and returns them with provenance (`_source`, `_row`).
-Anything wrong raises `DataError`, which names file, row, column and the failed check, e.g.
+`read_source(path, kind)` reads JSONL, JSON (an array or {"data": [...]}), Parquet or CSV, each but
+Parquet also gzipped (`.jsonl.gz`: the type is the suffix under `.gz`), renames columns where asked
+(`columns={their_name: our_name}`), detects the layout from the columns, turns every record into the
+kind's canonical row, validates the rows against the kind's pandera model (schemas/) and returns them
+with provenance (`_source`, `_row`). Anything wrong raises `DataError`, which names file, row, column
+and the failed check, e.g.
 
     data/raw/cot.csv row 17, column 'answer': check 'non_empty' failed (value '')
+
+With `on_bad_rows="drop"` a bad row is left out instead and kept, with its problems and the row as read,
+on `Table.rejects`; the read still stops when the source's share of bad rows exceeds `max_bad_share`.
+Problems of the file as a whole (no such file, unknown type, a wrong `columns` mapping, unrecognised
+layout) always stop it.
 
 Rows are numbered from 1: the record's position, or for JSONL its line ("line 5").
 
@@ -27,9 +34,11 @@ Canonical rows, by kind, and the layouts read into them (first match on the colu
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -58,6 +67,7 @@ class Problem:
     column: str | None = None
     origin: str | None = None  # the source column(s) a canonical column was built from
     unit: str = "row"  # "line" for JSONL
+    check: str | None = None  # the failed check's name, for the rejects file
 
     def __str__(self) -> str:
         where = self.path
@@ -105,45 +115,63 @@ class _RowError(Exception):
 # ---------------------------------------------------------------- files -> records
 
 
-def read_records(path: str | Path) -> tuple[list[tuple[int, dict]], str]:
-    """[(row number, record)] and the row unit ("line" for JSONL, else "row")."""
+Records = list[tuple[int, dict]]  # [(row number, record)]
+Unreadable = list[tuple[Problem, Any]]  # rows that are no record (malformed JSON, not an object), with their raw text
+
+
+def read_records(path: str | Path) -> tuple[Records, str, Unreadable]:
+    """[(row number, record)], the row unit ("line" for JSONL, else "row") and the unreadable rows."""
     p, name = Path(path), str(path)
     if not p.is_file():
         raise DataError([Problem(name, "no such file")])
-    suffix = p.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
                ".parquet": _read_parquet, ".csv": _read_csv}
-    if suffix not in readers:
-        raise DataError([Problem(name, f"unknown file type {suffix!r} (read: {', '.join(readers)})")])
-    records, unit = readers[suffix](p, name)
-    if not records:
+    gzipped = p.suffix.lower() == ".gz"
+    suffix = Path(p.stem).suffix.lower() if gzipped else p.suffix.lower()  # "x.jsonl.gz" is read as JSONL
+    if suffix not in readers or (gzipped and suffix == ".parquet"):  # Parquet compresses inside the file
+        known = [*readers, *(f"{s}.gz" for s in readers if s != ".parquet")]
+        shown = suffix + ".gz" if gzipped else suffix
+        raise DataError([Problem(name, f"unknown file type {shown!r} (read: {', '.join(known)})")])
+    try:
+        records, unit, unreadable = readers[suffix](p, name)
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or not-really-gzip .gz
+        if not gzipped:
+            raise
+        raise DataError([Problem(name, f"unreadable gzip file ({e})")])
+    if not records and not unreadable:
         raise DataError([Problem(name, "no rows")])
-    return records, unit
+    return records, unit, unreadable
 
 
-def _read_jsonl(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
-    records, problems = [], []
-    with p.open(encoding="utf-8") as f:
+def _open_text(p: Path):
+    return gzip.open(p, "rt", encoding="utf-8") if p.suffix.lower() == ".gz" else p.open(encoding="utf-8")
+
+
+def _read_jsonl(p: Path, name: str) -> tuple[Records, str, Unreadable]:
+    records, unreadable = [], []
+    with _open_text(p) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.append(Problem(name, f"malformed JSON ({e.msg} at column {e.pos + 1})", lineno, unit="line"))
+                unreadable.append((Problem(name, f"malformed JSON ({e.msg} at column {e.pos + 1})", lineno,
+                                           unit="line", check="json"), line.rstrip("\n")))
                 continue
             if not isinstance(rec, dict):
-                problems.append(Problem(name, f"expected a JSON object, got {type(rec).__name__}", lineno, unit="line"))
+                unreadable.append((Problem(name, f"expected a JSON object, got {type(rec).__name__}", lineno,
+                                           unit="line", check="json_object"), rec))
                 continue
             records.append((lineno, rec))
-    if problems:
-        raise DataError(problems)
-    return records, "line"
+    return records, "line", unreadable
 
 
-def _read_json(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
+def _read_json(p: Path, name: str) -> tuple[Records, str, Unreadable]:
+    with _open_text(p) as f:
+        text = f.read()
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line in a .json file
             return _read_jsonl(p, name)
@@ -152,14 +180,13 @@ def _read_json(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError([Problem(name, 'expected a JSON array of objects or {"data": [...]}')])
-    bad = [Problem(name, f"expected a JSON object, got {type(r).__name__}", i)
-           for i, r in enumerate(data, 1) if not isinstance(r, dict)]
-    if bad:
-        raise DataError(bad)
-    return list(enumerate(data, 1)), "row"
+    records = [(i, r) for i, r in enumerate(data, 1) if isinstance(r, dict)]
+    unreadable = [(Problem(name, f"expected a JSON object, got {type(r).__name__}", i, check="json_object"), r)
+                  for i, r in enumerate(data, 1) if not isinstance(r, dict)]
+    return records, "row", unreadable
 
 
-def _read_parquet(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
+def _read_parquet(p: Path, name: str) -> tuple[Records, str, Unreadable]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -167,26 +194,46 @@ def _read_parquet(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
         rows = pq.read_table(p).to_pylist()  # python values: nested lists of dicts stay lists of dicts
     except (pa.ArrowException, OSError) as e:
         raise DataError([Problem(name, f"unreadable Parquet ({e})")])
-    return list(enumerate(rows, 1)), "row"
+    return list(enumerate(rows, 1)), "row", []
 
 
-def _read_csv(p: Path, name: str) -> tuple[list[tuple[int, dict]], str]:
+def _read_csv(p: Path, name: str) -> tuple[Records, str, Unreadable]:
     import pandas as pd
 
     try:  # every cell a string; an empty cell stays '' so the schema can say so
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        with _open_text(p) as f:
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        return [], "row"
+        return [], "row", []
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError([Problem(name, f"unreadable CSV ({e})")])
-    return list(enumerate(df.to_dict("records"), 1)), "row"
+    return list(enumerate(df.to_dict("records"), 1)), "row", []
 
 
-def columns_of(records: list[tuple[int, dict]]) -> list[str]:
+def columns_of(records: Records) -> list[str]:
     seen: dict[str, None] = {}
     for _, rec in records:
         seen.update(dict.fromkeys(rec))
     return list(seen)
+
+
+def rename_columns(records: Records, columns: dict[str, str], path: str) -> Records:
+    """Rename the file's columns to ours: `columns` is {their name: our name}; the others keep theirs.
+
+    A name the file does not have, or two columns ending up with one name, stops the read: either
+    would silently read the wrong data.
+    """
+    found = columns_of(records)
+    problems = [Problem(path, f"not in the file, so it cannot be renamed to {ours!r} (columns found: {found})",
+                        column=theirs, check="columns")
+                for theirs, ours in columns.items() if theirs not in found]
+    names = [columns.get(c, c) for c in found]
+    problems += [Problem(path, f"two columns would be named {ours!r}: "
+                               f"{[c for c in found if columns.get(c, c) == ours]}", column=ours, check="columns")
+                 for ours in dict.fromkeys(names) if names.count(ours) > 1]
+    if problems:
+        raise DataError(problems)
+    return [(n, {columns.get(k, k): v for k, v in rec.items()}) for n, rec in records]
 
 
 # ---------------------------------------------------------------- records -> canonical rows
@@ -483,11 +530,30 @@ def _problems(cases, path: str, unit: str, origin: dict[str, str]) -> list[Probl
             why = "missing value" if check == "not_nullable" else explain(check, value)
             message = failed(check, value, why)
         key = (row if row is not None else -1, str(column), check)
-        found.setdefault(key, Problem(path, message, row, column, origin.get(column), unit))
+        found.setdefault(key, Problem(path, message, row, column, origin.get(column), unit, check))
     return [found[k] for k in sorted(found)]
 
 
 # ---------------------------------------------------------------- sources
+
+
+ON_BAD_ROWS = ("stop", "drop")
+
+
+@dataclass
+class Reject:
+    """A bad row left out under on_bad_rows="drop": where it is, every check it failed, and the row as read."""
+
+    path: str
+    row: int
+    unit: str
+    problems: list[Problem]
+    raw: Any  # the record with the file's own column names, or the text of a line that is not JSON
+
+    def to_json(self) -> dict:
+        return {"file": self.path, "row": self.row, "unit": self.unit,
+                "problems": [{"column": p.column, "check": p.check, "error": str(p)} for p in self.problems],
+                "raw": json.loads(json.dumps(self.raw, default=str))}  # Parquet dates, bytes: as text
 
 
 @dataclass
@@ -498,40 +564,67 @@ class Table:
     kind: str
     layout: str
     rows: list[dict]
+    rejects: list[Reject] = field(default_factory=list)  # bad rows left out (on_bad_rows="drop")
+    total: int = 0  # rows in the file, kept and rejected
 
 
-def read_source(path: str | Path, kind: str) -> Table:
+def _by_place(p: Problem) -> tuple:
+    return (p.row or 0, p.column or "")
+
+
+def read_source(path: str | Path, kind: str, columns: dict[str, str] | None = None, on_bad_rows: str = "stop",
+                max_bad_share: float = 0.0) -> Table:
     import pandas as pd
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise ValueError(f"unknown on_bad_rows {on_bad_rows!r} (known: {', '.join(ON_BAD_ROWS)})")
     path = str(path)
-    records, unit = read_records(path)
+    records, unit, unreadable = read_records(path)
+    if unreadable and (on_bad_rows == "stop" or not records):  # nothing readable: no layout to detect
+        raise DataError([p for p, _ in unreadable])
+    raw = {**{p.row: text for p, text in unreadable}, **dict(records)}  # as read, for the rejects file
+    renamed = {ours: f"'{theirs}'" for theirs, ours in (columns or {}).items()}  # errors say where a column came from
+    if columns:
+        records = rename_columns(records, columns, path)
     layout = detect_layout(kind, columns_of(records), path)
-    rows, problems = [], []
+    rows, problems = [], [p for p, _ in unreadable]
     for n, rec in records:
         try:
             row = layout.convert(rec)
         except _RowError as e:
-            problems.append(Problem(path, failed(e.check, e.value, e.why), n, e.column, unit=unit))
+            problems.append(Problem(path, failed(e.check, e.value, e.why), n, e.column, renamed.get(e.column), unit,
+                                    e.check))
             continue
         rows.append({**row, "_source": path, "_row": n})
-    columns = list(SCHEMAS[kind].to_schema().columns)
+    schema_columns = list(SCHEMAS[kind].to_schema().columns)
     if rows:
-        df = pd.DataFrame([[r[c] for c in columns] for r in rows], columns=columns,
+        df = pd.DataFrame([[r[c] for c in schema_columns] for r in rows], columns=schema_columns,
                           index=[r["_row"] for r in rows], dtype=object)
-        problems += validate_frame(df, kind, path, unit, layout.origin)
-    if problems:
-        raise DataError(sorted(problems, key=lambda p: (p.row or 0, p.column or "")))
-    return Table(path, kind, layout.name, rows)
+        problems += validate_frame(df, kind, path, unit, {**renamed, **layout.origin})
+    problems.sort(key=_by_place)
+    if problems and (on_bad_rows == "stop" or any(p.row is None for p in problems)):  # no row: nothing to drop
+        raise DataError(problems)
+
+    bad = {p.row for p in problems}  # a row fails as a whole, however many of its checks failed
+    total = len(raw)
+    share = len(bad) / total
+    if share > max_bad_share:
+        raise DataError([Problem(path, f"{len(bad)} of {total} {unit}s are bad ({share:.1%}), more than "
+                                       f"max_bad_share {max_bad_share:g} ({max_bad_share:.1%}) allows; "
+                                       f"fix the data or raise the limit", check="max_bad_share"), *problems])
+    rejects = [Reject(path, n, unit, [p for p in problems if p.row == n], raw[n]) for n in sorted(bad)]
+    kept = [r for r in rows if r["_row"] not in bad]  # later steps (dedupe, split) see only these
+    return Table(path, kind, layout.name, kept, rejects, total)
 
 
-def read_sources(sources: Iterable[tuple[str | Path, str]]) -> list[Table]:
-    """Read and validate every (path, kind); one DataError with the problems of all of them."""
+def read_sources(sources: Iterable[tuple], on_bad_rows: str = "stop", max_bad_share: float = 0.0) -> list[Table]:
+    """Read and validate every (path, kind) or (path, kind, columns); one DataError with the problems of all."""
     tables, problems = [], []
-    for path, kind in sources:
+    for source in sources:
         try:
-            tables.append(read_source(path, kind))
+            tables.append(read_source(*source, on_bad_rows=on_bad_rows, max_bad_share=max_bad_share))
         except DataError as e:
             problems += e.problems
     if problems:

@@ -11,6 +11,7 @@ import torch
 from posttrain.config import ConfigError
 from posttrain.models import (base_of_adapter, is_adapter_dir, is_passthrough, load_model, load_tokenizer, local_path,
                               passed_on, require_qlora)
+from posttrain.scoring import length_batches, progress
 
 
 def sequence_classifier(path: str | Path, quantize: bool = False):
@@ -50,26 +51,35 @@ def load_reward_model(path: str | Path):
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int) -> list[float]:
-    """The reward of each (prompt messages, assistant reply), scored as TRL's trainers score it."""
+def reward_scores(model, tokenizer, prompts: list[list[dict]], replies: list[str], batch_size: int,
+                  max_length: int, desc: str = "reward") -> list[float]:
+    """The reward of each (prompt messages, assistant reply), scored as TRL's trainers score it.
+
+    Each text keeps its last `max_length` tokens (the reply and the end of the prompt: long transcripts, such
+    as Anthropic HH's, would otherwise pad every batch to thousands of tokens), in batches of similar length.
+    """
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
     model.eval()
-    scores: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                 for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
-                        add_special_tokens=False).to(model.device)
-        scores += model(**enc).logits[:, 0].float().tolist()
+    texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+             for p, r in zip(prompts, replies)]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+    scores: list[float] = [0.0] * len(texts)
+    with progress(len(texts), desc) as bar:
+        for batch in length_batches([len(x) for x in ids], batch_size):
+            enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, padding=True, padding_side="right",
+                                return_tensors="pt").to(model.device)
+            for i, score in zip(batch, model(**enc).logits[:, 0].float().tolist()):
+                scores[i] = score
+            bar.update(len(batch))
     return scores
 
 
-def pairwise(model, tokenizer, pairs: list[dict], batch_size: int) -> dict[str, float]:
+def pairwise(model, tokenizer, pairs: list[dict], batch_size: int, max_length: int) -> dict[str, float]:
     """Held-out pairwise accuracy (chosen scored above rejected) and mean margin."""
     prompts = [r["prompt"] for r in pairs]
-    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in pairs], batch_size)
-    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in pairs], batch_size)
+    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in pairs], batch_size, max_length)
+    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in pairs], batch_size, max_length)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
 

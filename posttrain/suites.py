@@ -21,8 +21,8 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
 
     `generations`, if given, receives every suite's generations (suite -> list of str).
     """
-    gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
-            for s, rows in suites.items()}
+    gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
+                        desc=f"suite {s}") for s, rows in suites.items()}
     if generations is not None:
         generations.update(gens)
     share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731

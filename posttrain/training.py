@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,12 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
         **extra,
     )
+
+
+def examples_needed(train: TrainConfig) -> int:
+    """Training examples a run can consume: max_steps x batch_size x grad_accum (x processes when launched).
+    Steps that generate their training data (policy pairs, the teacher's answers) generate no more."""
+    return train.max_steps * train.batch_size * train.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def fingerprint(cfg, inputs: dict[str, str | Path]) -> str:

@@ -35,7 +35,8 @@ from posttrain.reward_model import (load_reward_model, preference_rows, require_
 from posttrain.runtime import set_seed
 from posttrain.scoring import exact_match, final_answer, sample
 from posttrain.tracking import stage_run
-from posttrain.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.training import (clear_checkpoints, examples_needed, fingerprint, prepare_checkpoints,
+                                train_with_resume, trainer_args)
 
 OFFLINE = ("dpo", "kto", "orpo")
 ONLINE = ("grpo", "rloo")
@@ -47,6 +48,7 @@ class GenerationConfig:
     max_completion_length: int
     temperature: float
     batch_size: int  # prompts per sampling batch (pairs: policy)
+    max_prompts: int  # pairs: policy: prompts sampled; 0 = as many as training uses (max_steps x batch x accum)
 
 
 @dataclass(frozen=True)
@@ -155,14 +157,16 @@ def policy_pairs(cfg: AlignConfig, rows: list[dict], cache: Path) -> tuple[list[
         pairs = read_jsonl(cache)
     else:
         g = cfg.generation
+        rows = rows[: g.max_prompts or examples_needed(cfg.train)]  # sampling is the slow part: no more than used
         prompts = [r["prompt"] for r in rows]
         model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
         samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
-                         g.batch_size)
+                         g.batch_size, desc="policy samples")
         del model
         reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
         scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
-                               [x for s in samples for x in s], g.batch_size)
+                               [x for s in samples for x in s], g.batch_size, cfg.train.max_length,
+                               desc="reward of samples")
         pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
         for i, (row, replies) in enumerate(zip(rows, samples)):
             verified = [matches(x, row["chosen"]) for x in replies]

@@ -34,7 +34,8 @@ from posttrain.scoring import answer_perplexity, generate, generation_speed
 from posttrain.suites import SUITES, score_model
 from posttrain.tiny import TinyModelConfig, build_tiny_model
 from posttrain.tracking import stage_run
-from posttrain.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.training import (clear_checkpoints, examples_needed, fingerprint, prepare_checkpoints,
+                                train_with_resume, trainer_args)
 
 HIGHER_IS_BETTER = ("instruction_em", "cot_accuracy", "refusal_rate")
 
@@ -135,7 +136,7 @@ def load_prompts(cfg: DistillConfig) -> list[list[dict]]:
             f"distill: the prompt set is empty ({', '.join(cfg.prompt_files)} hold no prompt outside the "
             "evaluate suites); add prompts or point distill.prompt_files elsewhere"
         )
-    return prompts[: cfg.max_prompts]
+    return prompts[: min(cfg.max_prompts, examples_needed(cfg.train))]  # the teacher answers no more than is used
 
 
 def same_tokenizer(a, b) -> bool:
@@ -207,7 +208,7 @@ def teacher_answers(cfg: DistillConfig, teacher, tokenizer, prompts, cache: Path
         return read_jsonl(cache)
     distinct = list({_key(p): p for p in prompts}.values())
     answers = dict(zip(map(_key, distinct), generate(teacher, tokenizer, distinct, cfg.max_new_tokens,
-                                                      cfg.gen_batch_size)))
+                                                      cfg.gen_batch_size, desc="teacher answers")))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": answers[_key(p)]}]}
             for p in prompts if answers[_key(p)].strip()]
     if not rows:

@@ -44,6 +44,7 @@ class EvaluateConfig:
     report: str
     plot: str
     reward_model: str  # judges every model's answers to the held-out preference prompts
+    reward_max_length: int  # the judge reads the last this many tokens of prompt + answer
     reference: str  # the name in `models` that win rate and KL are measured against
 
     def __post_init__(self):
@@ -66,7 +67,8 @@ class Judge:
     def score(self, answers: list[str]) -> list[float]:
         """Rewards of answers to the first len(answers) prompts."""
         prompts = self.prompts[: len(answers)]
-        return reward_scores(self.reward, self.reward_tokenizer, prompts, answers, self.cfg.batch_size)
+        return reward_scores(self.reward, self.reward_tokenizer, prompts, answers, self.cfg.batch_size,
+                             self.cfg.reward_max_length)
 
     def __call__(self, name: str, model, tokenizer) -> tuple[dict, list[str]]:
         """reward_score, win_rate and kl_to_ref of one model, and its answers."""

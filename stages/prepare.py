@@ -2,8 +2,10 @@
 
     python -m stages.prepare [--params params.yaml]
 
-1. read and validate every source (posttrain.readers, schemas/): one bad row stops the stage, with a report
-   naming file, row, column and check, before anything is written;
+1. read and validate every source (posttrain.readers, schemas/), renaming its columns where it maps them:
+   with on_bad_rows=stop one bad row stops the stage, with a report naming file, row, column and check,
+   before anything is written; with drop the bad rows are left out and listed in rejects.jsonl, unless a
+   source's share of them exceeds max_bad_share (then it stops, as with stop);
 2. dedupe exact duplicates within each kind, keyed by the prompt (the text for the corpus), first kept;
 3. split each kind into train / eval by a seeded hash of the prompt (eval = eval_fraction of it,
    at most max_eval_per_suite);
@@ -19,6 +21,8 @@ Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / pr
   eval_harmful.jsonl              {"prompt"}               eval_benign.jsonl {"prompt"} (instruction eval prompts)
   preference_{train,eval}.jsonl   {"prompt", "chosen": [assistant], "rejected": [assistant]}
   prompts.jsonl                   {"prompt", "answer": str or null}   (all prompts: no split)
+  rejects.jsonl                   {"file", "row", "unit", "problems": [{"column", "check", "error"}], "raw"}
+                                  (the rows on_bad_rows=drop left out; empty under stop)
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -39,12 +43,14 @@ from posttrain.readers import DataError, Problem, read_sources
 SFT_KINDS = ("instruction", "refusal", "cot")
 SPLIT_KINDS = ("corpus", "instruction", "refusal", "cot", "preference")  # prompts are not split
 METRICS_FILE = "metrics/prepare.json"
+REJECTS_FILE = "rejects.jsonl"  # in out_dir: versioned with the data it was left out of
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     path: str
     kind: Literal["corpus", "instruction", "refusal", "cot", "preference", "prompt"]  # layout is auto-detected
+    columns: dict[str, str] = field(default_factory=dict)  # {their column: our column}; most files need none
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,13 @@ class PrepareConfig:
     eval_fraction: float  # held-out share of each kind after dedupe
     max_eval_per_suite: int  # cap on each kind's eval split (the rest stays in train)
     mixture: MixtureConfig
+    on_bad_rows: Literal["stop", "drop"]  # drop: leave bad rows out, listed in out_dir/rejects.jsonl
+    max_bad_share: float  # drop: a source with a larger share of bad rows still stops the stage
     out_dir: str
 
     def __post_init__(self):
+        if not 0 <= self.max_bad_share <= 1:
+            raise ConfigError(f"[prepare.max_bad_share] must be in [0, 1], got {self.max_bad_share}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"[prepare.eval_fraction] must be in [0, 1), got {self.eval_fraction}")
         if self.max_eval_per_suite < 0:
@@ -213,13 +223,15 @@ def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kin
 def input_names(cfg: PrepareConfig) -> dict[str, str]:
     names: dict[str, str] = {}
     for i, s in enumerate(cfg.sources):
-        name = Path(s.path).stem
+        name = Path(s.path.removesuffix(".gz")).stem
         names[name if name not in names else f"{name}_{i}"] = s.path
     return names
 
 
 def run(cfg: PrepareConfig) -> dict:
-    tables = read_sources((s.path, s.kind) for s in cfg.sources)  # raises DataError; nothing written yet
+    tables = read_sources(((s.path, s.kind, s.columns) for s in cfg.sources),  # raises DataError; nothing written yet
+                          cfg.on_bad_rows, cfg.max_bad_share)
+    rejects = [r.to_json() for t in tables for r in t.rejects]
     rows: dict[str, list[dict]] = {kind: [] for kind in (*SPLIT_KINDS, "prompt")}
     for t in tables:
         rows[t.kind] += t.rows
@@ -238,7 +250,9 @@ def run(cfg: PrepareConfig) -> dict:
     files = outputs(clean, held, clean["prompt"], mixture, sft_kinds)
 
     metrics = {
-        "sources": {t.path: {"kind": t.kind, "layout": t.layout, "rows": len(t.rows)} for t in tables},
+        "sources": {t.path: {"kind": t.kind, "layout": t.layout, "rows": len(t.rows), "dropped": len(t.rejects),
+                             "dropped_share": len(t.rejects) / t.total} for t in tables},
+        "dropped": len(rejects),  # bad rows left out (on_bad_rows=drop), all in out_dir/rejects.jsonl
         "dedupe": {k: {"rows": len(rows[k]), "duplicates": len(rows[k]) - len(unique[k]), "unique": len(unique[k])}
                    for k in rows},
         "split": {k: {"train": len(clean[k]), "eval": len(held[k])} for k in SPLIT_KINDS},
@@ -252,6 +266,7 @@ def run(cfg: PrepareConfig) -> dict:
         with atomic_dir(cfg.out_dir) as tmp:
             for name, out_rows in files.items():
                 write_jsonl(tmp / name, out_rows)
+            write_jsonl(tmp / REJECTS_FILE, rejects)
         write_json(METRICS_FILE, metrics)
         log_stage_metrics(metrics)
     return metrics

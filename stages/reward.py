@@ -50,7 +50,7 @@ def run(cfg: RewardStageConfig) -> dict:
     with stage_run("reward", cfg, inputs=inputs):
         tokenizer = load_tokenizer(cfg.model)
         model = sequence_classifier(cfg.model, quantize=cfg.adapter.method == "qlora")
-        before = pairwise(model, tokenizer, eval_rows, cfg.eval_batch_size)
+        before = pairwise(model, tokenizer, eval_rows, cfg.eval_batch_size, cfg.train.max_length)
         apply_freeze(model, cfg.adapter)
         if cfg.adapter.method == "freeze":
             model.score.weight.requires_grad = True  # the new head always trains
@@ -67,7 +67,7 @@ def run(cfg: RewardStageConfig) -> dict:
         result = train_with_resume(trainer, resume)
         # scored like `before` and like a reload of the saved model: without the trainer's mixed-precision wrapper
         after = pairwise(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), tokenizer,
-                         eval_rows, cfg.eval_batch_size)
+                         eval_rows, cfg.eval_batch_size, cfg.train.max_length)
         metrics = {"eval_accuracy": after["accuracy"], "eval_margin": after["margin"],
                    "eval_accuracy_before": before["accuracy"], "eval_margin_before": before["margin"],
                    "eval_pairs": len(eval_rows), **result, **trainable_share(trainer.model),

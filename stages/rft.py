@@ -65,7 +65,8 @@ def checkable(path: str, limit: int) -> list[dict]:
 
 
 def accuracy(model, tokenizer, rows: list[dict], cfg: RFTConfig) -> float:
-    gens = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
+    gens = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
+                    desc="held-out cot")
     return sum(final_answer(g) == r["answer"] for g, r in zip(gens, rows)) / len(rows)
 
 
@@ -97,7 +98,7 @@ def run(cfg: RFTConfig) -> dict:
         model = load_for_training(cfg.model, cfg.adapter)
         acc_before = accuracy(model, tokenizer, held_out, cfg)
         samples = sample(model, tokenizer, [r["prompt"] for r in prompts], cfg.num_samples, cfg.temperature,
-                         cfg.max_new_tokens, cfg.batch_size)
+                         cfg.max_new_tokens, cfg.batch_size, desc="rft samples")
         right_by_prompt = [sum(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)]
         right = sum(right_by_prompt)
         kept = keep_correct(prompts, samples)

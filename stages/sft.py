@@ -46,7 +46,8 @@ class SFTStageConfig:
 def _dataset(path: str, key: str):
     from datasets import Dataset
 
-    rows = require_rows(path, key, "add instruction, refusal or cot sources to prepare.sources, or set sft.enabled: false")
+    hint = "add instruction, refusal or cot sources to prepare.sources, or set sft.enabled: false"
+    rows = require_rows(path, key, hint)
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
 

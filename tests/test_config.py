@@ -58,6 +58,24 @@ def test_int_is_accepted_for_float_but_bool_is_not_int():
         build(TrainConfig, dict(train, max_steps=True), "t")
 
 
+def test_a_field_with_a_default_may_be_omitted_and_others_may_not():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Source:
+        path: str
+        columns: dict[str, str] = field(default_factory=dict)
+        limit: int = 3
+
+    assert build(Source, {"path": "a.jsonl"}, "s") == Source("a.jsonl", {}, 3)
+    written = {"path": "a", "columns": {"q": "question"}, "limit": 5}
+    assert build(Source, written, "s") == Source("a", {"q": "question"}, 5)
+    with pytest.raises(ConfigError, match=r"\[s.limit\] expected int"):
+        build(Source, {"path": "a", "limit": "5"}, "s")  # a written value is checked as strictly as ever
+    with pytest.raises(ConfigError, match=r"\[s\] missing key\(s\): path"):
+        build(Source, {"columns": {}}, "s")
+
+
 def test_missing_section_and_top_level_key():
     params = dict(REPO_PARAMS)
     params.pop("sft")

@@ -102,3 +102,19 @@ def test_changing_an_sft_value_reruns_sft_and_downstream_only(repo):
     ran = ran_stages(out)
     assert {"sft", "evaluate"} <= ran
     assert not ran & UPSTREAM_OF_SFT
+
+
+def test_readmes_commands_after_make_run_work_verbatim_in_a_fresh_shell(repo):
+    """README's block for after `make run`, run as a new user would: a new shell whose PATH has no venv on it,
+    from the repo root where `make run` made .venv (here a link to this interpreter's venv). Last in this
+    module: its `dvc exp run` re-runs sft and what follows in the workspace."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if b.startswith("source .venv/bin/activate"))
+    assert "dvc exp run" in block
+    path = repo["path"]
+    (path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    fresh = {"HOME": os.environ["HOME"], "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=path, env=fresh, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Running stage 'sft'" in proc.stdout + proc.stderr
+    assert yaml.safe_load((path / "params.yaml").read_text())["sft"]["train"]["learning_rate"] == 5e-4

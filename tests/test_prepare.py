@@ -1,8 +1,10 @@
-"""prepare: config checks, dedupe, deterministic split, mixture ratios, the written files, and a failing
-run that exits non-zero with the data report and writes nothing."""
+"""prepare: config checks, dedupe, deterministic split, mixture ratios, the written files, a failing
+run that exits non-zero with the data report and writes nothing, bad rows dropped (on_bad_rows: drop)
+up to max_bad_share, and published files read as they are (gzipped, own column names)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 
 from posttrain.config import ConfigError, load_config
 from posttrain.files import REPO_ROOT, read_jsonl
+from posttrain.readers import DataError
 from stages.prepare import PrepareConfig, build_mixture, dedupe, mixture_counts, run, split
 
 OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",
@@ -52,7 +55,7 @@ def write_fixture(root: Path) -> dict:
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test-prepare", "log_models": False},
         "prepare": {"sources": [{"path": f"raw/{p}", "kind": k} for p, k in sources], "eval_fraction": 0.2,
                     "max_eval_per_suite": 15, "mixture": {"size": 100, "ratios": dict(RATIOS)},
-                    "out_dir": "processed"},
+                    "on_bad_rows": "stop", "max_bad_share": 0.01, "out_dir": "processed"},
     }
 
 
@@ -74,6 +77,9 @@ def test_repo_params_prepare_section_loads():
     (lambda p: p.update(sources=p["sources"][:3]), "[prepare.mixture.ratios] ['cot'] have a share but no source"),
     (lambda p: p["sources"][0].update(kind="dialog"), "[prepare.sources[0].kind] must be one of"),
     (lambda p: p.update(eval_fraction=1.0), "[prepare.eval_fraction] must be in [0, 1)"),
+    (lambda p: p.update(on_bad_rows="skip"), "[prepare.on_bad_rows] must be one of ['stop', 'drop']"),
+    (lambda p: p.update(max_bad_share=5), "[prepare.max_bad_share] must be in [0, 1], got 5"),
+    (lambda p: p["sources"][0].update(columns={"body": 1}), "[prepare.sources[0].columns.body] expected str"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):
     params = write_fixture(tmp_path)
@@ -132,7 +138,8 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     metrics = run(config(write_fixture(tmp_path)))
     out = tmp_path / "processed"
-    assert sorted(p.name for p in out.iterdir()) == OUTPUTS
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, "rejects.jsonl"])
+    assert read_jsonl(out / "rejects.jsonl") == [] and metrics["dropped"] == 0  # on_bad_rows: stop
     files = {name: read_jsonl(out / name) for name in OUTPUTS}
 
     assert metrics["dedupe"]["corpus"] == {"rows": 42, "duplicates": 2, "unique": 40}
@@ -208,3 +215,108 @@ def test_prepare_config_error_exits_nonzero(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("config error: [prepare.mixture.ratios] must sum to 1, got 1.25")
     assert not (tmp_path / "processed").exists()
+
+
+# ---------------------------------------------------------------- bad rows, published files
+
+
+def write_bad_cot(root: Path) -> None:
+    """cot.csv with 2 bad rows of 42: the first repeats a good row's question, ahead of it."""
+    questions = [f"Sam has {i} pens and gets 1 more. How many?" for i in range(40)]
+    answers = [f"{i} + 1 = {i + 1}.\n#### {i + 1}" for i in range(40)]
+    pd.DataFrame({"question": [questions[3], "", *questions],
+                  "answer": ["no marker here", "1 + 1 = 2.\n#### 2", *answers]}).to_csv(root / "raw" / "cot.csv",
+                                                                                       index=False)
+
+
+def test_drop_leaves_bad_rows_out_lists_them_and_counts_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    write_bad_cot(tmp_path)
+    params["prepare"].update(on_bad_rows="drop", max_bad_share=0.05)  # 2 of 42: 4.8 %
+    metrics = run(config(params))
+
+    rejects = read_jsonl(tmp_path / "processed" / "rejects.jsonl")
+    assert [(r["file"], r["row"], r["unit"], [(p["column"], p["check"]) for p in r["problems"]]) for r in rejects] == [
+        ("raw/cot.csv", 1, "row", [("answer", "final_answer_marker")]),
+        ("raw/cot.csv", 2, "row", [("question", "non_empty")]),
+    ]
+    assert rejects[0]["raw"] == {"question": "Sam has 3 pens and gets 1 more. How many?", "answer": "no marker here"}
+    assert rejects[0]["problems"][0]["error"].startswith("raw/cot.csv row 1, column 'answer': check "
+                                                         "'final_answer_marker' failed")
+    assert metrics["dropped"] == 2
+    assert metrics["sources"]["raw/cot.csv"] == {"kind": "cot", "layout": "question/answer with '####' final answer",
+                                                 "rows": 40, "dropped": 2, "dropped_share": 2 / 42}
+    assert metrics["sources"]["raw/corpus.jsonl"]["dropped"] == 0
+    # dedupe and split saw the kept rows only: the bad twin of question 3 is no duplicate, and the split is as
+    # without the bad rows
+    assert metrics["dedupe"]["cot"] == {"rows": 40, "duplicates": 0, "unique": 40}
+    assert metrics["split"]["cot"] == {"train": 32, "eval": 8}
+    cot = [r for name in ("sft_train.jsonl", "sft_eval.jsonl") for r in read_jsonl(tmp_path / "processed" / name)
+           if r["source"] == "cot"]
+    assert "no marker here" not in json.dumps(cot)
+    assert json.loads((tmp_path / "metrics" / "prepare.json").read_text()) == metrics
+
+
+def test_drop_above_max_bad_share_stops_and_leaves_the_output_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    run(config(params))  # a good earlier output, which the failing run must leave as it was
+    before = {p.name: p.read_bytes() for p in (tmp_path / "processed").iterdir()}
+    metrics_before = (tmp_path / "metrics" / "prepare.json").read_bytes()
+    write_bad_cot(tmp_path)
+    params["prepare"].update(on_bad_rows="drop", max_bad_share=0.01)
+    with pytest.raises(DataError) as e:
+        run(config(params))
+    assert str(e.value).splitlines()[:2] == [
+        "3 data problems:",
+        ("  raw/cot.csv: 2 of 42 rows are bad (4.8%), more than max_bad_share 0.01 (1.0%) allows; "
+         "fix the data or raise the limit")]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "processed").iterdir()} == before
+    assert (tmp_path / "metrics" / "prepare.json").read_bytes() == metrics_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "mlflow.db", "processed", "raw"]
+
+
+def test_stop_stops_on_one_bad_row_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    write_bad_cot(tmp_path)
+    params["prepare"]["max_bad_share"] = 1.0  # the limit plays no part under stop
+    with pytest.raises(DataError) as e:
+        run(config(params))
+    assert str(e.value).splitlines() == [
+        "2 data problems:",
+        ("  raw/cot.csv row 1, column 'answer': check 'final_answer_marker' failed "
+         "(no '#### <final answer>' in value 'no marker here')"),
+        "  raw/cot.csv row 2, column 'question': check 'non_empty' failed (value '')"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_gzipped_source_with_its_own_column_names(tmp_path, monkeypatch):
+    """A GSM8K-style file as published under other names, gzipped, mapped through `columns`."""
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    (tmp_path / "raw" / "cot.csv").unlink()
+    with gzip.open(tmp_path / "raw" / "math.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"problem": f"Sam has {i} pens and gets 1 more. How many?",
+                                "solution": f"{i} + 1 = {i + 1}.\n#### {i + 1}"}) + "\n")
+    params["prepare"]["sources"][3] = {"path": "raw/math.jsonl.gz", "kind": "cot",
+                                       "columns": {"problem": "question", "solution": "answer"}}
+    metrics = run(config(params))
+    assert metrics["sources"]["raw/math.jsonl.gz"]["layout"] == "question/answer with '####' final answer"
+    assert metrics["split"]["cot"] == {"train": 32, "eval": 8}
+    q = read_jsonl(tmp_path / "processed" / "eval_cot.jsonl")[0]
+    assert q["answer"] == str(int(q["prompt"][0]["content"].split()[2]) + 1)
+
+
+def test_columns_naming_a_missing_column_stop_with_source_and_column(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    params["prepare"]["sources"][3]["columns"] = {"query": "question"}
+    params["prepare"]["on_bad_rows"] = "drop"  # a wrong mapping is no bad row: it stops under drop too
+    with pytest.raises(DataError) as e:
+        run(config(params))
+    assert str(e.value) == ("raw/cot.csv, column 'query': not in the file, so it cannot be renamed to 'question' "
+                            "(columns found: ['question', 'answer'])")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

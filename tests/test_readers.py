@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -196,6 +197,108 @@ def test_sample_data_reads_clean(tmp_path, monkeypatch):
     assert list(layouts.values()) == ["text", "alpaca", "sharegpt", "messages",
                                       "question/answer with '####' final answer",
                                       "chosen/rejected with a shared prompt", "prompt"]
+
+
+# ---------------------------------------------------------------- gzip and column mapping
+
+
+def test_gzipped_hh_preference_jsonl(tmp_path):
+    """Anthropic HH as published: .jsonl.gz of chosen/rejected whole transcripts."""
+    path = tmp_path / "hh-rlhf-train.jsonl.gz"
+    shared = "\n\nHuman: What is 2 plus 2?"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"chosen": shared + "\n\nAssistant: 4", "rejected": shared + "\n\nAssistant: 5"}) + "\n")
+    table = read_source(path, "preference")
+    assert table.layout == "chosen/rejected with a shared prompt"
+    assert canonical(table) == [{"prompt": [U("What is 2 plus 2?")], "chosen": "4", "rejected": "5"}]
+
+
+@pytest.mark.parametrize("name", ["cot.json.gz", "cot.csv.gz", "cot.ndjson.gz"])
+def test_gzipped_json_and_csv_are_read_by_the_suffix_under_gz(tmp_path, name):
+    path = tmp_path / name
+    rows = [{"question": "q", "rationale": "r", "answer": "7"}]
+    if name.endswith(".csv.gz"):
+        pd.DataFrame(rows).to_csv(path, index=False)  # pandas gzips by the suffix
+    else:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(json.dumps(rows) if name.endswith(".json.gz") else json.dumps(rows[0]) + "\n")
+    assert canonical(read_source(path, "cot")) == rows
+
+
+def test_gzipped_parquet_and_damaged_gzip_are_refused(tmp_path):
+    parquet = tmp_path / "cot.parquet.gz"
+    parquet.write_bytes(gzip.compress(b"PAR1"))
+    assert error(parquet, "cot").startswith(f"{parquet}: unknown file type '.parquet.gz' (read: .jsonl, ")
+    damaged = tmp_path / "cot.jsonl.gz"
+    damaged.write_bytes(b'{"question": "not gzip"}\n')
+    assert error(damaged, "cot").startswith(f"{damaged}: unreadable gzip file (")
+
+
+def test_columns_map_a_gsm8k_style_file_to_cot(tmp_path):
+    path = jsonl(tmp_path / "math.jsonl", [
+        {"problem": "Sam has 40 pens and gets 2 more. How many?", "solution": "40 + 2 = 42.\n#### 42", "id": 1},
+        {"problem": "Ann has 1 pen. How many?", "solution": "She has one.", "id": 2},
+    ])
+    columns = {"problem": "question", "solution": "answer"}
+    assert "unrecognised layout for kind 'cot'" in error(path, "cot")  # unmapped, no cot layout fits
+    with pytest.raises(DataError) as e:
+        read_source(path, "cot", columns)
+    assert str(e.value) == (f"{path} line 2, column 'answer' (from 'solution'): check 'final_answer_marker' failed "
+                            "(no '#### <final answer>' in value 'She has one.')")
+    table = read_source(path, "cot", columns, on_bad_rows="drop", max_bad_share=0.5)
+    assert table.layout == "question/answer with '####' final answer"
+    assert canonical(table) == [{"question": "Sam has 40 pens and gets 2 more. How many?",
+                                 "rationale": "40 + 2 = 42.", "answer": "42"}]
+    assert table.rejects[0].raw == {"problem": "Ann has 1 pen. How many?", "solution": "She has one.", "id": 2}
+
+
+def test_columns_naming_a_missing_column_or_clashing_stop_the_read(tmp_path):
+    path = jsonl(tmp_path / "math.jsonl", [{"problem": "q", "answer": "1 + 1 = 2\n#### 2"}])
+    with pytest.raises(DataError) as e:
+        read_source(path, "cot", {"query": "question"})
+    assert str(e.value) == (f"{path}, column 'query': not in the file, so it cannot be renamed to 'question' "
+                            "(columns found: ['problem', 'answer'])")
+    with pytest.raises(DataError) as e:
+        read_source(path, "cot", {"problem": "answer"})
+    assert str(e.value) == f"{path}, column 'answer': two columns would be named 'answer': ['problem', 'answer']"
+
+
+# ---------------------------------------------------------------- on_bad_rows: drop
+
+
+def test_drop_leaves_bad_rows_out_and_keeps_where_and_why(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(8))
+                    + '{"text": ""}\n{"text": 3\n\n{"text": "last"}\n')
+    table = read_source(path, "corpus", on_bad_rows="drop", max_bad_share=0.2)
+    assert [r["_row"] for r in table.rows] == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert table.total == 11
+    assert [r.to_json() for r in table.rejects] == [
+        {"file": str(path), "row": 9, "unit": "line", "raw": {"text": ""},
+         "problems": [{"column": "text", "check": "non_empty",
+                       "error": f"{path} line 9, column 'text': check 'non_empty' failed (value '')"}]},
+        {"file": str(path), "row": 10, "unit": "line", "raw": '{"text": 3',
+         "problems": [{"column": None, "check": "json",
+                       "error": f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 12)"}]},
+    ]
+    assert error(path, "corpus") == f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 12)"
+
+
+def test_drop_stops_when_a_source_has_more_bad_rows_than_max_bad_share(tmp_path):
+    path = tmp_path / "cot.csv"
+    answers = ["6"] * 8 + ["", ""]
+    pd.DataFrame({"question": [f"q{i}" for i in range(10)], "rationale": ["r"] * 10, "answer": answers}).to_csv(
+        path, index=False)
+    assert len(read_source(path, "cot", on_bad_rows="drop", max_bad_share=0.2).rows) == 8  # 20 %: at the limit
+    with pytest.raises(DataError) as e:
+        read_source(path, "cot", on_bad_rows="drop", max_bad_share=0.1)
+    assert str(e.value).splitlines() == [
+        "3 data problems:",
+        (f"  {path}: 2 of 10 rows are bad (20.0%), more than max_bad_share 0.1 (10.0%) allows; "
+         "fix the data or raise the limit"),
+        f"  {path} row 9, column 'answer': check 'non_empty' failed (value '')",
+        f"  {path} row 10, column 'answer': check 'non_empty' failed (value '')",
+    ]
 
 
 # ---------------------------------------------------------------- problems

@@ -51,7 +51,8 @@ def test_reward_model_learns_a_tiny_preference_set(lifecycle, tmp_path):
     assert json.loads((wd / "metrics/reward.json").read_text())["eval_accuracy"] == 1.0
     # the saved model scores the pairs as the stage did
     model, tok = load_reward_model(wd / "models/reward"), load_tokenizer(wd / "models/reward")
-    again = pairwise(model, tok, preference_rows(str(wd / "data/pairs.jsonl")), batch_size=4)
+    again = pairwise(model, tok, preference_rows(str(wd / "data/pairs.jsonl")), batch_size=4,
+                     max_length=128)
     assert again["margin"] == pytest.approx(metrics["eval_margin"], abs=1e-4)
 
 
@@ -67,7 +68,8 @@ def test_lora_reward_model_saves_its_score_head(lifecycle, tmp_path):
     assert 0 < metrics["trainable_share"] < 1
     model = load_reward_model(wd / "models/reward")
     again = pairwise(model, load_tokenizer(wd / "models/reward"),
-                     preference_rows(str(wd / "data/processed/preference_eval.jsonl")), batch_size=8)
+                     preference_rows(str(wd / "data/processed/preference_eval.jsonl")), batch_size=8,
+                     max_length=128)
     assert again["margin"] == pytest.approx(metrics["eval_margin"], abs=1e-4)
 
 
