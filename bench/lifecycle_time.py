@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import load, machine, table  # noqa: E402
 
-CODE = ["stages", "schemas", "flows", "configs", "bench", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"]
+CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "bench", "dvc.yaml", "pyproject.toml",
+        ".dvcignore", ".gitignore"]
 OVERHEAD = ["imports", "config", "mlflow", "model_io", "checkpoints"]
-COMPUTE = ["train", "eval"]
+COMPUTE = ["train", "eval", "generate"]
 
 
 def make_repo(path: Path, params: Path) -> None:
@@ -98,18 +99,19 @@ def summarise(records: list[dict], dvc_wall: float) -> tuple[list[list], dict]:
         for k, v in {**spent, "launcher": launcher, "other": other, "wall": wall}.items():
             totals[k] += v
         rows.append([name, wall, spent["imports"], spent["config"], spent["mlflow"], spent["model_io"],
-                     spent["checkpoints"], spent["train"], spent["eval"], other,
+                     spent["checkpoints"], spent["train"], spent["eval"], spent["generate"], other,
                      f"{100 * overhead / wall:.1f} %"])
     total_wall = dvc_proc["wall_s"] if dvc_proc else dvc_wall
     dvc_bookkeeping = total_wall - totals["wall"]
     overhead = sum(totals[k] for k in [*OVERHEAD, "launcher"]) + dvc_bookkeeping
     rows.append(["**all stages**", totals["wall"], *(totals[k] for k in OVERHEAD),
-                 totals["train"], totals["eval"], totals["other"],
+                 totals["train"], totals["eval"], totals["generate"], totals["other"],
                  f"{100 * (overhead - dvc_bookkeeping) / totals['wall']:.1f} %" if totals["wall"] else "-"])
     summary = {"dvc_repro_wall_s": total_wall, "stage_process_wall_s": totals["wall"],
                "dvc_bookkeeping_s": dvc_bookkeeping, "overhead_s": overhead,
                "overhead_share_pct": 100 * overhead / total_wall if total_wall else None,
-               "compute_s": totals["train"] + totals["eval"] + totals["other"],
+               "compute_s": totals["train"] + totals["eval"] + totals["generate"] + totals["other"],
+               "generate_share_pct": 100 * totals["generate"] / totals["wall"] if totals["wall"] else None,
                "phases_s": {k: totals[k] for k in [*OVERHEAD, "launcher", *COMPUTE, "other"]}}
     return rows, summary
 
@@ -150,7 +152,9 @@ def main(argv=None):
                    load_before=load_before, load_after=load_after, machine=machine(), params=a.params)
     print(f"\ndvc repro: {wall:.1f} s (load after {load_after})\n")
     print(table(["stage", "wall s", "imports", "config", "mlflow", "model load/save", "checkpoints",
-                 "train", "eval", "other compute", "overhead"], rows))
+                 "train", "eval", "generate", "other compute", "overhead"], rows))
+    print(f"\ngenerating (posttrain.scoring generate/sample, reward scoring): {summary['phases_s']['generate']:.1f} s, "
+          f"{summary['generate_share_pct']:.1f} % of the stages' wall time")
     print(f"\nDVC bookkeeping (DVC's wall less its stage processes'): {summary['dvc_bookkeeping_s']:.1f} s")
     print(f"orchestration overhead: {summary['overhead_s']:.1f} s of {summary['dvc_repro_wall_s']:.1f} s = "
           f"{summary['overhead_share_pct']:.1f} % (target < 10 %)")

@@ -30,6 +30,7 @@ PARAMS_FILE = "params.yaml"
 GLOBAL_KEYS = ("seed", "tracking")
 DEFAULTS_KEY = "defaults"  # shared blocks, merged under each stage's own (stage_section)
 SHARED_BLOCKS = ("adapter", "train")
+PROFILE_KEY, PROFILES_DIR = "profile", "profiles"  # params.yaml `profile: <name>` lays profiles/<name>.yaml over it
 
 
 class StageError(ValueError):
@@ -89,13 +90,38 @@ class AdapterConfig:
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml with its profile laid over it: `profile: real` reads profiles/real.yaml (next to the params
+    file) and its values win, section by section and key by key; `profile: default` changes nothing."""
     path = Path(path)
+    params = _read_mapping(path, "params file")
+    name = params.get(PROFILE_KEY, "default")
+    if name == "default":  # profiles/default.yaml is empty: it exists for dvc.yaml's `profiles/${profile}.yaml` dep
+        return params
+    profile_file = path.parent / PROFILES_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not profile_file.is_file():
+        known = sorted(p.stem for p in (path.parent / PROFILES_DIR).glob("*.yaml"))
+        raise ConfigError(f"[{PROFILE_KEY}] {name!r}: no file {profile_file} (profiles: {', '.join(known)})")
+    overlay = _read_mapping(profile_file, "profile")
+    if PROFILE_KEY in overlay:
+        raise ConfigError(f"{profile_file}: a profile cannot set '{PROFILE_KEY}'")
+    return overlaid(params, overlay)
+
+
+def _read_mapping(path: Path, what: str) -> dict:
     if not path.exists():
-        raise ConfigError(f"{path}: no such params file")
-    params = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: no such {what}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return params
+    return data
+
+
+def overlaid(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = overlaid(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def stage_section(params: dict, stage: str, path: str | Path = PARAMS_FILE) -> dict:

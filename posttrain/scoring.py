@@ -136,7 +136,9 @@ def answer_perplexity(model, tokenizer, prompts: list[list[dict]], answers: list
         pad = tokenizer.pad_token_id
         x = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
         y = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=model.device)
-        logits = model(input_ids=x, attention_mask=(x != pad) | (y != -100)).logits[:, :-1].float()
+        # the mask by length: a tokenizer whose pad is its eos (SmolLM2) has eos tokens inside the prompts too
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=model.device)
+        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         total += loss.item()

@@ -66,10 +66,16 @@ def train_tokenizer(cfg: TokenizerConfig):
     )
 
 
-def build_tiny_model(cfg: TinyModelConfig, tokenizer):
+# What a student built to start from its teacher's layers must compute the way the teacher does.
+TEACHER_NUMERICS = ("rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps", "hidden_act", "head_dim")
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer, like=None):
+    """A random Llama of `cfg`'s shape; `like` (a teacher's config) lends its rope, norm epsilon and activation."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    numerics = {k: getattr(like, k) for k in TEACHER_NUMERICS if like is not None and getattr(like, k, None)}
+    config = LlamaConfig(**numerics,
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,

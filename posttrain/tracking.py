@@ -84,9 +84,9 @@ def lifecycle_run(tracking, lifecycle: str, commit: str, params: dict, tags: dic
 
 
 def _read_params(path: Path) -> dict | None:
-    import yaml
+    from posttrain.config import read_params  # with its profile laid over it: the values the stages ran with
 
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    return read_params(path) if path.exists() else None
 
 
 @contextlib.contextmanager

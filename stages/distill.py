@@ -147,7 +147,8 @@ def build_student(cfg: DistillConfig, teacher, teacher_tok):
     """(student model, its tokenizer): tiny from config with the teacher's tokenizer, or loaded from source."""
     if cfg.student.source == "tiny":
         set_seed(cfg.seed)
-        student = build_tiny_model(cfg.student.tiny, teacher_tok)
+        like = teacher.config if cfg.student.init == "teacher" else None
+        student = build_tiny_model(cfg.student.tiny, teacher_tok, like=like)
         if student.config.vocab_size != teacher.config.vocab_size:  # a teacher with padded embeddings
             student.resize_token_embeddings(teacher.config.vocab_size)
         if cfg.student.init == "teacher":

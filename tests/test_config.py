@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +12,9 @@ from posttrain.config import ConfigError, TrainConfig, build, load_config, read_
 from stages.cpt import CPTConfig
 from stages.sft import SFTStageConfig
 
-REPO_PARAMS = read_params("params.yaml")
+REPO = Path(__file__).resolve().parent.parent
+REPO_PARAMS = read_params(REPO / "params.yaml")
+DVC_STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 
 def test_repo_params_load_for_every_stage():
@@ -109,3 +113,47 @@ def test_half_precision_without_the_hardware_stops_with_a_clear_message():
         with pytest.raises(RuntimeError, match="precision=bf16 needs a CUDA GPU or a CPU with native bf16"):
             resolve_precision("bf16")
     assert resolve_precision("fp32") == "fp32"
+
+
+def test_a_profile_is_laid_over_params_key_by_key(tmp_path):
+    from posttrain.config import read_params
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "small.yaml").write_text("sft: {train: {max_steps: 3}, adapter: {method: lora}}\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "profile": "small"}))
+    cfg = load_config("sft", SFTStageConfig, tmp_path / "params.yaml")
+    assert cfg.train.max_steps == 3 and cfg.adapter.method == "lora"
+    assert cfg.train.learning_rate == params["sft"]["train"]["learning_rate"]  # the rest of the section stays
+    assert cfg.adapter.lora_r == params["defaults"]["adapter"]["lora_r"]  # shared blocks still fill in
+    assert read_params(tmp_path / "params.yaml")["cpt"] == params["cpt"]
+
+
+def test_an_unknown_profile_or_one_that_sets_profile_is_refused(tmp_path):
+    from posttrain.config import read_params
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "default.yaml").write_text("{}\n")
+    (tmp_path / "profiles" / "loop.yaml").write_text("profile: default\n")
+    (tmp_path / "params.yaml").write_text("profile: nosuch\n")
+    with pytest.raises(ConfigError, match=r"\[profile\] 'nosuch': no file .*nosuch.yaml \(profiles: default, loop\)"):
+        read_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("profile: loop\n")
+    with pytest.raises(ConfigError, match="a profile cannot set 'profile'"):
+        read_params(tmp_path / "params.yaml")
+
+
+def test_the_real_profile_builds_every_stage_config():
+    import importlib
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["profile"] == "default"
+    from posttrain.config import overlaid
+
+    real = overlaid(params, yaml.safe_load((REPO / "profiles" / "real.yaml").read_text()))
+    for stage in DVC_STAGES:
+        module = importlib.import_module(f"stages.{stage}")
+        cfg = load_config(stage, typing.get_type_hints(module.run)["cfg"], params=real)
+        if hasattr(cfg, "adapter"):
+            assert cfg.adapter.method == "lora", stage  # a pretrained model: adapters, not full training
+    assert real["base"]["source"].endswith(".gguf")

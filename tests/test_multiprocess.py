@@ -73,11 +73,11 @@ def test_launcher_commands_and_shipped_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 
     from posttrain.config import ConfigError
-    from posttrain.launch import LaunchConfig, command
+    from posttrain.launch import LAUNCHED, LaunchConfig, command
 
     repo = Path(__file__).resolve().parent.parent
-    plain, env = command(LaunchConfig(config="", num_processes=0, main_process_port=0), "sft", "params.yaml", cuda=False)
-    assert plain[1:] == ["-m", "stages.sft", "--params", "params.yaml"]
+    with pytest.raises(ConfigError, match=r"\[launch.config\] : no such accelerate config file"):
+        command(LaunchConfig(config="", num_processes=0, main_process_port=0), "sft", "params.yaml", cuda=False)
     for name in ("ddp", "fsdp", "deepspeed"):
         path = str(repo / f"configs/accelerate/{name}.yaml")
         assert load_config_from_file(path).num_processes == 2  # accelerate's own loader: no unknown keys
@@ -86,6 +86,7 @@ def test_launcher_commands_and_shipped_configs():
         assert argv[1:5] == ["-m", "accelerate.commands.launch", "--config_file", path]
         assert argv[argv.index("--num_processes") + 1] == "4" and argv[argv.index("--main_process_port") + 1] == "29555"
         assert argv[-4:] == ["-m", "stages.sft", "--params", "params.yaml"]
+        assert env[LAUNCHED] == "1"  # the processes it starts run the stage instead of launching again
         if name != "ddp":  # accelerate has no FSDP / DeepSpeed over CPU processes; it would quietly run DDP
             with pytest.raises(ConfigError, match="needs CUDA GPUs"):
                 command(cfg, "sft", "params.yaml", cuda=False)

@@ -12,7 +12,9 @@ time and the self time spent in each phase:
   checkpoints  Trainer._save_checkpoint (crash safety)
   train        Trainer.train, less the nested phases above
   eval         Trainer.evaluate
-Time in none of them (data handling, generation, scoring) is the stage's other compute.
+  generate     posttrain.scoring.generate / sample and posttrain.reward_model.reward_scores (suites, policy
+               pairs, rft samples, the teacher's answers, the judge)
+Time in none of them (data handling, perplexity, other scoring) is the stage's other compute.
 """
 
 import os
@@ -82,6 +84,8 @@ if os.environ.get("LIFECYCLE_TIMING"):
         "posttrain.config": [("load_config", "config", _timed)],
         "posttrain.tracking": [("stage_run", "mlflow", _timed_cm), ("log_stage_metrics", "mlflow", _timed),
                             ("log_model_dir", "mlflow", _timed), ("lifecycle_run", "mlflow", _timed)],
+        "posttrain.scoring": [(n, "generate", _timed) for n in ("generate", "sample")],
+        "posttrain.reward_model": [("reward_scores", "generate", _timed)],
         "posttrain.models": [(n, "model_io", _timed) for n in ("load_model", "load_tokenizer", "load_for_training",
                                                               "save_model")],
     }
