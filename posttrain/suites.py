@@ -13,25 +13,34 @@ from posttrain.scoring import exact_match, final_answer, generate, is_refusal, p
 SUITES = ("instruction", "cot", "harmful", "benign")
 
 
+RATES = {  # metric -> (suite, whether one generation passes)
+    "instruction_em": ("instruction", lambda g, r: exact_match(g, r["answer"])),
+    "cot_accuracy": ("cot", lambda g, r: final_answer(g) == r["answer"]),
+    "refusal_rate": ("harmful", lambda g, r: is_refusal(g)),
+    "over_refusal_rate": ("benign", lambda g, r: is_refusal(g)),
+}
+
+
 def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg,
-                generations: dict | None = None):
+                generations: dict | None = None, flags: dict | None = None):
     """All suite scores of one model, plus a few sample generations per suite.
 
     `cfg` gives max_new_tokens, batch_size, block_size and samples_per_suite (evaluate's or distill.eval).
-
-    `generations`, if given, receives every suite's generations (suite -> list of str).
+    A rate over an empty suite is None (n/a), never 0. `generations`, if given, receives every suite's
+    generations (suite -> list of str); `flags`, each rate's pass / fail per item (metric -> list of bool),
+    for intervals and paired tests (posttrain.stats).
     """
     gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
                         desc=f"suite {s}") for s, rows in suites.items()}
     if generations is not None:
         generations.update(gens)
-    share = lambda flags: sum(flags) / max(len(flags), 1)  # noqa: E731
+    passed = {metric: [bool(check(g, r)) for g, r in zip(gens[suite], suites[suite])]
+              for metric, (suite, check) in RATES.items()}
+    if flags is not None:
+        flags.update(passed)
     scores = {
         "perplexity": perplexity(model, tokenizer, corpus, cfg.block_size, cfg.batch_size) if corpus else None,
-        "instruction_em": share([exact_match(g, r["answer"]) for g, r in zip(gens["instruction"], suites["instruction"])]),
-        "cot_accuracy": share([final_answer(g) == r["answer"] for g, r in zip(gens["cot"], suites["cot"])]),
-        "refusal_rate": share([is_refusal(g) for g in gens["harmful"]]),
-        "over_refusal_rate": share([is_refusal(g) for g in gens["benign"]]),
+        **{metric: sum(f) / len(f) if f else None for metric, f in passed.items()},
         "params": sum(p.numel() for p in model.parameters()),
     }
     samples = [(s, rows[i]["prompt"][-1]["content"], gens[s][i], rows[i].get("answer", ""))

@@ -22,7 +22,8 @@ from posttrain.models import load_model, load_tokenizer, local_path
 from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
 from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
-from posttrain.suites import SUITES, kl_along, score_model, win_rate
+from posttrain.stats import mcnemar, rate
+from posttrain.suites import RATES, SUITES, kl_along, score_model, win_rate
 from posttrain.tracking import log_stage_metrics, stage_run
 
 PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
@@ -86,18 +87,56 @@ class Judge:
         }, answers
 
 
+def rate_stats(flags: dict[str, list[bool]], reference: dict[str, list[bool]], is_reference: bool) -> dict:
+    """Each rate's n and 95 % Wilson interval, and against the reference model (the same items): the
+    difference and McNemar's exact p-value."""
+    out = {}
+    for metric, passed in flags.items():
+        r = rate(passed)
+        if not is_reference and passed:
+            ref = reference[metric]
+            r["diff_vs_reference"] = sum(passed) / len(passed) - sum(ref) / len(ref)
+            r["p_vs_reference"] = mcnemar(passed, ref)
+        out[metric] = r
+    return out
+
+
+def _cell(row: dict, column: str) -> str:
+    value = row[column]
+    if value is None:
+        return "n/a"
+    if not isinstance(value, float):
+        return str(value)
+    r = row.get("rates", {}).get(column)
+    return f"{value:.3f} [{r['low']:.2f}, {r['high']:.2f}]" if r else f"{value:.3f}"
+
+
 def write_report(path: str, table: dict[str, dict], samples: dict[str, list], reference: str = "",
                  judged: dict[str, list] | None = None) -> None:
     lines = ["# Evaluation", "", "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in table.items():
-        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else "n/a" if row[c] is None else str(row[c])
-                 for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
+    first = next(iter(table.values()), {})
+    sizes = ", ".join(f"{m} n={r['n']}" for m, r in first.get("rates", {}).items())
+    lines += ["", f"Rates with their 95 % Wilson interval [low, high]; {sizes}. A difference between two models is "
+              "real when McNemar's test on the same items says so (below), not when a third decimal differs."]
     if reference:
+        lines += ["", f"## Against {reference} (the same items)", "",
+                  "| model | " + " | ".join(f"{m}: diff, p" for m in RATES) + " |", "|---" * (len(RATES) + 1) + "|"]
+        for name, row in table.items():
+            if name == reference:
+                continue
+            cells = []
+            for m in RATES:
+                r = row.get("rates", {}).get(m, {})
+                cells.append("n/a" if r.get("p_vs_reference") is None else
+                             f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"reward_score: mean reward-model score of the model's answers to the held-out preference "
                   f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half); "
                   f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats)."]
-    lines += ["", "## Sample generations", "", "| model | suite | prompt | generation | reference |", "|---|---|---|---|---|"]
+    lines += ["", "## Sample generations", "", "| model | suite | prompt | generation | reference |",
+              "|---|---|---|---|---|"]
     esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
     for name, rows in samples.items():
         lines += [f"| {name} | {s} | {esc(p)} | {esc(g)} | {esc(a)} |" for s, p, g, a in rows]
@@ -123,20 +162,22 @@ def run(cfg: EvaluateConfig) -> dict:
     suites = {s: read_jsonl(data / f"eval_{s}.jsonl")[: cfg.max_per_suite] for s in SUITES}
     corpus = [r["text"] for r in read_jsonl(data / "corpus_eval.jsonl")]
     preference_prompts = [r["prompt"] for r in read_jsonl(data / "preference_eval.jsonl")[: cfg.max_per_suite]]
-    table, samples, judged = {}, {}, {}
+    table, samples, judged, flags = {}, {}, {}, {}
     with stage_run("evaluate", cfg, inputs={"data": cfg.data_dir, "reward_model": cfg.reward_model, **cfg.models}):
         judge = Judge(cfg, preference_prompts) if has_reward_model(cfg.reward_model) and preference_prompts else None
         scored: dict[str, str] = {}  # the model folder actually loaded -> the first name that scored it
         for name, path in cfg.models.items():
             same = scored.get(local_path(path))
             if same is not None:  # a switched-off stage passes this model on: the same model, scored once
-                table[name], samples[name], judged[name] = table[same], samples[same], judged[same]
+                table[name], samples[name], judged[name] = dict(table[same]), samples[same], judged[same]
+                flags[name] = flags[same]
                 print(f"[evaluate] {name}: the same model as {same} ({path} passes it on)", flush=True)
                 log_stage_metrics(table[name], prefix=f"{name}.")
                 continue
             scored[local_path(path)] = name
             model, tokenizer = load_model(path), load_tokenizer(path)
-            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg)
+            flags[name] = {}
+            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, flags=flags[name])
             if judge is None:
                 preference, answers = dict.fromkeys(PREFERENCE), []
             else:
@@ -148,6 +189,8 @@ def run(cfg: EvaluateConfig) -> dict:
             print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in table[name].items()
                                                       if v is not None), flush=True)
             log_stage_metrics(table[name], prefix=f"{name}.")
+        for name in table:
+            table[name]["rates"] = rate_stats(flags[name], flags[cfg.reference], name == cfg.reference)
         write_report(cfg.report, table, samples, cfg.reference, judged)
         write_plot(cfg.plot, table)
         import mlflow
