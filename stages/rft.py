@@ -3,7 +3,8 @@
 1. take the chain-of-thought prompts of the SFT training data (completion ends in '#### <answer>');
 2. sample `num_samples` completions per prompt from the sft model (temperature sampling);
 3. keep the completions whose final answer is right (each distinct one once);
-4. fine-tune the sft model on them with TRL's SFTTrainer (loss on the completion).
+4. fine-tune the sft model on them, with `replay` mixture rows per kept sample so that the other skills of the
+   mixture are not trained away, with TRL's SFTTrainer (loss on the completion).
 Metrics: kept share, and held-out chain-of-thought accuracy (greedy) before and after.
 If no sample is right, nothing can be trained: models/rft is the sft model unchanged (trained: false).
 """
@@ -37,6 +38,7 @@ class RFTConfig:
     max_new_tokens: int
     batch_size: int  # prompts per generation batch
     max_eval: int
+    replay: float  # mixture rows (train_file) trained alongside the kept samples, per kept sample: no forgetting
     adapter: AdapterConfig
     train: TrainConfig
     out_dir: str
@@ -80,6 +82,15 @@ def keep_correct(rows: list[dict], samples: list[list[str]]) -> list[dict]:
     return kept
 
 
+def replayed(cfg: RFTConfig, kept: int) -> list[dict]:
+    """A seeded draw of the SFT mixture, `replay` rows per kept sample: a second SFT pass on the mixture plus
+    the verified samples, so what sft taught besides arithmetic is not trained away."""
+    import random
+
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(cfg.train_file)]
+    return random.Random(cfg.seed).sample(rows, min(len(rows), round(cfg.replay * kept)))
+
+
 def run(cfg: RFTConfig) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
@@ -112,7 +123,9 @@ def run(cfg: RFTConfig) -> dict:
                 model = get_peft_model(model, pc)
             args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
                                 completion_only_loss=True)
-            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(kept),
+            rows = kept + replayed(cfg, len(kept))
+            metrics["replayed"] = len(rows) - len(kept)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer)
             metrics.update(train_with_resume(trainer, resume), **trainable_share(trainer.model))
             model = trainer.model

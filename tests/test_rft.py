@@ -36,6 +36,7 @@ def test_right_samples_are_kept_and_trained_on(lifecycle, tmp_path):
     assert metrics["prompts"] == 4 and metrics["samples"] == 32
     assert 0 < metrics["correct"] < 32 and metrics["kept_share"] == metrics["correct"] / 32
     assert 0 < metrics["kept_distinct"] <= metrics["correct"] and metrics["trained"] is True
+    assert metrics["replayed"] == min(4, metrics["kept_distinct"])  # replay 1.0 of a 4-row train_file
     assert 0 <= metrics["accuracy_before"] <= 1 and 0 <= metrics["accuracy_after"] <= 1
     assert metrics["accuracy_change"] == pytest.approx(metrics["accuracy_after"] - metrics["accuracy_before"])
     assert metrics["peak_memory_mb"] > 0 and metrics["train_loss"] > 0
