@@ -81,3 +81,25 @@ def kl_along(model, ref, tokenizer, prompts: list[list[dict]], answers: list[str
         kl = (logp.exp() * (logp - logq)).sum(-1)
         total += (kl.cpu() * scored).sum().item()
     return total / len(prompts)
+
+
+@torch.no_grad()
+def prefers_chosen(model, tokenizer, pairs: list[dict], batch_size: int) -> list[bool]:
+    """Per held-out human-labelled pair: does the model give the chosen reply a higher mean log-likelihood per
+    token than the rejected one? (Per token, so that a longer reply is not penalised for its length.)"""
+    model.eval()
+    texts = [(r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")]
+    means: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        encoded = [prompt_and_answer_ids(tokenizer, p, a) for p, a in texts[i : i + batch_size]]
+        width = max(len(h) + len(t) for h, t in encoded)
+        ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+        mask, scored = torch.zeros_like(ids), torch.zeros(len(encoded), width - 1)
+        for j, (h, t) in enumerate(encoded):
+            ids[j, : len(h) + len(t)], mask[j, : len(h) + len(t)] = torch.tensor(h + t), 1
+            scored[j, len(h) - 1 : len(h) + len(t) - 1] = 1  # position k predicts token k + 1: the answer's
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        token = logp.gather(-1, ids[:, 1:, None])[..., 0].cpu() * scored
+        means += (token.sum(-1) / scored.sum(-1)).tolist()
+    return [c > r for c, r in zip(means[0::2], means[1::2])]

@@ -23,11 +23,13 @@ from posttrain.reward_model import has_reward_model, load_reward_model, reward_s
 from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
 from posttrain.stats import mcnemar, rate
-from posttrain.suites import RATES, SUITES, kl_along, score_model, win_rate
+from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate
 from posttrain.tracking import log_stage_metrics, stage_run
 
 PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
-COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", *PREFERENCE, "params")
+PAIRED = (*RATES, "prefers_chosen")  # rates over the same items for every model: McNemar against the reference
+COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", "prefers_chosen",
+           *PREFERENCE, "params")
 
 
 @dataclass(frozen=True)
@@ -122,19 +124,21 @@ def write_report(path: str, table: dict[str, dict], samples: dict[str, list], re
               "real when McNemar's test on the same items says so (below), not when a third decimal differs."]
     if reference:
         lines += ["", f"## Against {reference} (the same items)", "",
-                  "| model | " + " | ".join(f"{m}: diff, p" for m in RATES) + " |", "|---" * (len(RATES) + 1) + "|"]
+                  "| model | " + " | ".join(f"{m}: diff, p" for m in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
         for name, row in table.items():
             if name == reference:
                 continue
             cells = []
-            for m in RATES:
+            for m in PAIRED:
                 r = row.get("rates", {}).get(m, {})
                 cells.append("n/a" if r.get("p_vs_reference") is None else
                              f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"reward_score: mean reward-model score of the model's answers to the held-out preference "
                   f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half); "
-                  f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats)."]
+                  f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats). "
+                  "prefers_chosen: share of the held-out human-labelled pairs where the model itself gives the "
+                  "chosen reply the higher mean log-likelihood per token (no judge involved)."]
     lines += ["", "## Sample generations", "", "| model | suite | prompt | generation | reference |",
               "|---|---|---|---|---|"]
     esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
@@ -161,7 +165,8 @@ def run(cfg: EvaluateConfig) -> dict:
     data = Path(cfg.data_dir)
     suites = {s: read_jsonl(data / f"eval_{s}.jsonl")[: cfg.max_per_suite] for s in SUITES}
     corpus = [r["text"] for r in read_jsonl(data / "corpus_eval.jsonl")]
-    preference_prompts = [r["prompt"] for r in read_jsonl(data / "preference_eval.jsonl")[: cfg.max_per_suite]]
+    preference_pairs = read_jsonl(data / "preference_eval.jsonl")[: cfg.max_per_suite]
+    preference_prompts = [r["prompt"] for r in preference_pairs]
     table, samples, judged, flags = {}, {}, {}, {}
     with stage_run("evaluate", cfg, inputs={"data": cfg.data_dir, "reward_model": cfg.reward_model, **cfg.models}):
         judge = Judge(cfg, preference_prompts) if has_reward_model(cfg.reward_model) and preference_prompts else None
@@ -178,6 +183,8 @@ def run(cfg: EvaluateConfig) -> dict:
             model, tokenizer = load_model(path), load_tokenizer(path)
             flags[name] = {}
             table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, flags=flags[name])
+            flags[name]["prefers_chosen"] = prefers_chosen(model, tokenizer, preference_pairs, cfg.batch_size)
+            table[name]["prefers_chosen"] = rate(flags[name]["prefers_chosen"])["value"]
             if judge is None:
                 preference, answers = dict.fromkeys(PREFERENCE), []
             else:
