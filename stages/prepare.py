@@ -6,13 +6,20 @@
    with on_bad_rows=stop one bad row stops the stage, with a report naming file, row, column and check,
    before anything is written; with drop the bad rows are left out and listed in rejects.jsonl, unless a
    source's share of them exceeds max_bad_share (then it stops, as with stop);
-2. dedupe exact duplicates within each kind, keyed by the prompt (the text for the corpus), first kept;
-3. split each kind into train / eval by a seeded hash of the prompt (eval = eval_fraction of it,
-   at most max_eval_per_suite);
-4. drop from every train split the examples whose prompt is held out in any kind's eval split;
-5. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
+2. dedupe within each kind by normalised content: the prompt (the text for the corpus) lowercased, with
+   punctuation and whitespace folded and numbers kept (posttrain.overlap.normalise), first kept;
+3. split each kind into train / eval by each source's `split`: `auto` (the default, for your own files) by a
+   seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
+   heldout_* files: pairings no training file has); `train` every row trained on. A kind's eval split is at
+   most max_eval_per_suite: auto rows beyond it go to train, eval-only rows are left out (never trained on);
+4. drop from every train split the examples whose normalised prompt is held out in any kind's eval split;
+5. drop from the corpus train split every document that contains an eval prompt, normalised: any
+   decontaminate.ngram-gram of it, or the whole prompt when it is shorter (GPT-3's 13-gram check);
+6. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
    repeating examples only where a kind has too few;
-6. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
+7. measure what is left: the n-gram overlap (overlap_ngrams) between the training files (sft_train,
+   preference_train, corpus_train, prompts) and each eval suite;
+8. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
 
 Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / preference rows follow TRL):
   corpus_{train,eval}.jsonl       {"text"}
@@ -28,7 +35,6 @@ Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / pr
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ from typing import Literal
 from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
 from posttrain.files import atomic_dir, write_json, write_jsonl
+from posttrain.overlap import contains_any, normalise, overlap, probes, tokens
 from posttrain.readers import DataError, Problem, read_sources
 
 SFT_KINDS = ("instruction", "refusal", "cot")
@@ -51,6 +58,7 @@ class SourceConfig:
     path: str
     kind: Literal["corpus", "instruction", "refusal", "cot", "preference", "prompt"]  # layout is auto-detected
     columns: dict[str, str] = field(default_factory=dict)  # {their column: our column}; most files need none
+    split: Literal["auto", "train", "eval"] = "auto"  # auto: by hash; train / eval: every row there
 
 
 @dataclass(frozen=True)
@@ -73,13 +81,25 @@ class MixtureConfig:
 
 
 @dataclass(frozen=True)
+class DecontaminateConfig:
+    ngram: int  # a corpus train document sharing an n-gram this long with an eval prompt is dropped
+    min_tokens: int  # a shorter eval prompt counts whole, if it has at least this many tokens
+
+    def __post_init__(self):
+        if self.ngram < 1 or self.min_tokens < 1:
+            raise ConfigError(f"[prepare.decontaminate] ngram and min_tokens must be >= 1, got {self}")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     seed: int
     tracking: TrackingConfig
     sources: list[SourceConfig]
-    eval_fraction: float  # held-out share of each kind after dedupe
-    max_eval_per_suite: int  # cap on each kind's eval split (the rest stays in train)
+    eval_fraction: float  # held-out share of each kind's split: auto rows after dedupe
+    max_eval_per_suite: int  # cap on each kind's eval split (auto rows past it train, eval-only ones are left out)
     mixture: MixtureConfig
+    decontaminate: DecontaminateConfig
+    overlap_ngrams: list[int]  # n-gram sizes of the train / eval overlap in metrics/prepare.json
     on_bad_rows: Literal["stop", "drop"]  # drop: leave bad rows out, listed in out_dir/rejects.jsonl
     max_bad_share: float  # drop: a source with a larger share of bad rows still stops the stage
     out_dir: str
@@ -93,6 +113,11 @@ class PrepareConfig:
             raise ConfigError(f"[prepare.max_eval_per_suite] must be >= 0, got {self.max_eval_per_suite}")
         if not self.sources:
             raise ConfigError("[prepare.sources] lists no sources")
+        unsplit = [i for i, s in enumerate(self.sources) if s.kind == "prompt" and s.split == "eval"]
+        if unsplit:
+            raise ConfigError(f"[prepare.sources[{unsplit[0]}].split] prompts are not split: auto or train")
+        if not self.overlap_ngrams or min(self.overlap_ngrams) < 1:
+            raise ConfigError(f"[prepare.overlap_ngrams] must list sizes >= 1, got {self.overlap_ngrams}")
         kinds = {s.kind for s in self.sources}
         orphans = [k for k, r in self.mixture.ratios.items() if r > 0 and k not in kinds]
         if orphans:
@@ -119,9 +144,13 @@ def prompt_of(kind: str, row: dict) -> list[dict]:
     return user(row["question"] if kind == "cot" else row["prompt"])
 
 
+def text_of(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
 def key_of(kind: str, row: dict) -> str:
-    """What makes two examples duplicates: the text of a corpus document, else the prompt."""
-    return row["text"] if kind == "corpus" else json.dumps(prompt_of(kind, row), ensure_ascii=False)
+    """What makes two examples duplicates: the normalised text of a corpus document, else of the prompt."""
+    return normalise(row["text"] if kind == "corpus" else text_of(prompt_of(kind, row)))
 
 
 def dedupe(kind: str, rows: list[dict]) -> list[dict]:
@@ -140,15 +169,47 @@ def rank(seed: int, key: str) -> str:
 
 
 def split(kind: str, rows: list[dict], fraction: float, cap: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval): eval is the rows whose prompt ranks lowest under a seeded hash.
+    """(train, eval) by each row's `_split` (from its source; none: auto).
 
-    Every kind ranks by the same hash, so a prompt found in two kinds (a word problem that is both a cot
-    example and a preference pair) tends to fall on the same side in both, and step 4 drops few rows.
-    The order is pseudo-random, so any prefix of eval is a fair sample of it.
+    auto rows: eval is the `fraction` of them whose normalised prompt ranks lowest under a seeded hash;
+    eval rows: all in eval; train rows: all in train. Eval stops at `cap`: auto rows past it go to train,
+    eval-only rows past it are left out. Every kind ranks by the same hash, so a prompt found in two kinds
+    (a word problem that is both a cot example and a preference pair) tends to fall on the same side in
+    both, and step 4 drops few rows. The order is pseudo-random, so any prefix of eval is a fair sample of it.
     """
     order = sorted(rows, key=lambda r: rank(seed, key_of(kind, r)))
-    n_eval = min(cap, round(len(order) * fraction))
-    return order[n_eval:], order[:n_eval]
+    n_auto_eval = round(sum(r.get("_split", "auto") == "auto" for r in rows) * fraction)
+    train, held, auto_seen = [], [], 0
+    for r in order:
+        source = r.get("_split", "auto")
+        wants_eval = source == "eval" or (source == "auto" and auto_seen < n_auto_eval)
+        auto_seen += source == "auto"
+        if wants_eval and len(held) < cap:
+            held.append(r)
+        elif source != "eval":  # an eval-only row past the cap is left out: never trained on
+            train.append(r)
+    return train, held
+
+
+def decontaminate(docs: list[dict], eval_prompts: list[str], n: int, min_tokens: int) -> list[dict]:
+    """The corpus documents that contain no eval prompt (normalised): no n-gram of it, nor the whole of a
+    shorter one (of at least min_tokens tokens)."""
+    marks = probes([tokens(p) for p in eval_prompts], n, min_tokens)
+    return [d for d in docs if not contains_any(tokens(d["text"]), marks)]
+
+
+def overlap_report(files: dict[str, list], sizes: list[int]) -> dict[str, dict]:
+    """posttrain.overlap.overlap of every eval suite (its prompts; corpus_eval: its documents) against all
+    text the training stages read: the SFT mixture, preference train pairs, corpus train, RL / distill prompts."""
+    training = ([text_of(r["prompt"] + r["completion"]) for r in files["sft_train.jsonl"]]
+                + [text_of(r["prompt"] + r["chosen"] + r["rejected"]) for r in files["preference_train.jsonl"]]
+                + [r["text"] for r in files["corpus_train.jsonl"]]
+                + [text_of(r["prompt"]) for r in files["prompts.jsonl"]])
+    suites = {s: [text_of(r["prompt"]) for r in files[f"eval_{s}.jsonl"]] for s in ("instruction", "cot", "harmful",
+                                                                                   "benign")}
+    suites["preference"] = [text_of(r["prompt"]) for r in files["preference_eval.jsonl"]]
+    suites["corpus"] = [r["text"] for r in files["corpus_eval.jsonl"]]
+    return overlap(training, suites, sizes)
 
 
 def mixture_counts(size: int, ratios: dict[str, float]) -> dict[str, int]:
@@ -233,8 +294,8 @@ def run(cfg: PrepareConfig) -> dict:
                           cfg.on_bad_rows, cfg.max_bad_share)
     rejects = [r.to_json() for t in tables for r in t.rejects]
     rows: dict[str, list[dict]] = {kind: [] for kind in (*SPLIT_KINDS, "prompt")}
-    for t in tables:
-        rows[t.kind] += t.rows
+    for t, source in zip(tables, cfg.sources):  # read_sources keeps the order of the sources
+        rows[t.kind] += [{**r, "_split": source.split} for r in t.rows]
     unique = {kind: dedupe(kind, r) for kind, r in rows.items()}
 
     train, held = {}, {}
@@ -243,6 +304,9 @@ def run(cfg: PrepareConfig) -> dict:
     train["prompt"] = unique["prompt"]
     held_out = {key_of(k, r) for k in SPLIT_KINDS if k != "corpus" for r in held[k]}
     clean = {k: [r for r in v if k == "corpus" or key_of(k, r) not in held_out] for k, v in train.items()}
+    eval_prompts = [text_of(prompt_of(k, r)) for k in SPLIT_KINDS if k != "corpus" for r in held[k]]
+    clean["corpus"] = decontaminate(clean["corpus"], eval_prompts, cfg.decontaminate.ngram,
+                                    cfg.decontaminate.min_tokens)
 
     sft_kinds = [k for k in SFT_KINDS if cfg.mixture.ratios.get(k, 0) > 0]
     ratios = {k: cfg.mixture.ratios[k] for k in sft_kinds}
@@ -256,9 +320,15 @@ def run(cfg: PrepareConfig) -> dict:
         "dedupe": {k: {"rows": len(rows[k]), "duplicates": len(rows[k]) - len(unique[k]), "unique": len(unique[k])}
                    for k in rows},
         "split": {k: {"train": len(clean[k]), "eval": len(held[k])} for k in SPLIT_KINDS},
-        "held_out_prompts_dropped_from_train": {k: len(train[k]) - len(clean[k]) for k in train},
+        "eval_only_left_out": {k: sum(r["_split"] == "eval" for r in unique[k])
+                               - sum(r["_split"] == "eval" for r in held[k]) for k in SPLIT_KINDS},  # past the cap
+        "held_out_prompts_dropped_from_train": {k: len(train[k]) - len(clean[k]) for k in train if k != "corpus"},
+        "decontaminate": {"ngram": cfg.decontaminate.ngram, "min_tokens": cfg.decontaminate.min_tokens,
+                          "eval_prompts": len(eval_prompts), "corpus_checked": len(train["corpus"]),
+                          "corpus_dropped": len(train["corpus"]) - len(clean["corpus"])},
         "mixture": mixture_report,
         "outputs": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
+        "overlap": overlap_report(files, cfg.overlap_ngrams),
     }
     from posttrain.tracking import log_stage_metrics, stage_run
 

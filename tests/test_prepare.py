@@ -1,4 +1,5 @@
-"""prepare: config checks, dedupe, deterministic split, mixture ratios, the written files, a failing
+"""prepare: config checks, dedupe and split by normalised content, eval-only and train-only sources, the
+corpus decontaminated against eval prompts, deterministic split, mixture ratios, the written files, a failing
 run that exits non-zero with the data report and writes nothing, bad rows dropped (on_bad_rows: drop)
 up to max_bad_share, and published files read as they are (gzipped, own column names)."""
 
@@ -17,7 +18,7 @@ import pytest
 from posttrain.config import ConfigError, load_config
 from posttrain.files import REPO_ROOT, read_jsonl
 from posttrain.readers import DataError
-from stages.prepare import PrepareConfig, build_mixture, dedupe, mixture_counts, run, split
+from stages.prepare import PrepareConfig, build_mixture, decontaminate, dedupe, key_of, mixture_counts, run, split
 
 OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",
            "eval_instruction.jsonl", "preference_eval.jsonl", "preference_train.jsonl", "prompts.jsonl",
@@ -55,6 +56,7 @@ def write_fixture(root: Path) -> dict:
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test-prepare", "log_models": False},
         "prepare": {"sources": [{"path": f"raw/{p}", "kind": k} for p, k in sources], "eval_fraction": 0.2,
                     "max_eval_per_suite": 15, "mixture": {"size": 100, "ratios": dict(RATIOS)},
+                    "decontaminate": {"ngram": 13, "min_tokens": 5}, "overlap_ngrams": [8, 13],
                     "on_bad_rows": "stop", "max_bad_share": 0.01, "out_dir": "processed"},
     }
 
@@ -80,6 +82,9 @@ def test_repo_params_prepare_section_loads():
     (lambda p: p.update(on_bad_rows="skip"), "[prepare.on_bad_rows] must be one of ['stop', 'drop']"),
     (lambda p: p.update(max_bad_share=5), "[prepare.max_bad_share] must be in [0, 1], got 5"),
     (lambda p: p["sources"][0].update(columns={"body": 1}), "[prepare.sources[0].columns.body] expected str"),
+    (lambda p: p["sources"][5].update(split="eval"), "[prepare.sources[5].split] prompts are not split"),
+    (lambda p: p["sources"][1].update(split="test"), "[prepare.sources[1].split] must be one of"),
+    (lambda p: p.update(overlap_ngrams=[]), "[prepare.overlap_ngrams] must list sizes >= 1"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):
     params = write_fixture(tmp_path)
@@ -92,10 +97,17 @@ def test_config_errors_name_the_key(tmp_path, change, message):
 # ---------------------------------------------------------------- steps
 
 
-def test_dedupe_keeps_the_first_of_each_prompt():
+def test_dedupe_keeps_the_first_of_each_normalised_prompt():
     rows = [{"prompt": "a", "response": "1"}, {"prompt": "b", "response": "2"}, {"prompt": "a", "response": "3"}]
     assert dedupe("refusal", rows) == rows[:2]
-    assert dedupe("corpus", [{"text": "x"}, {"text": "x"}, {"text": "x "}]) == [{"text": "x"}, {"text": "x "}]
+    # case, punctuation and whitespace make no new example; numbers do, decimals kept whole
+    docs = [{"text": "Sort: 3, 1."}, {"text": "sort 3 1"}, {"text": "  SORT\n3 1!"}, {"text": "Sort 3.1"},
+            {"text": "Sort 31"}]
+    assert dedupe("corpus", docs) == [docs[0], docs[3], docs[4]]
+    assert [key_of("corpus", d) for d in docs] == ["sort 3 1", "sort 3 1", "sort 3 1", "sort 3.1", "sort 31"]
+    chat = {"messages": [{"role": "user", "content": "Reverse the words.\n\nRed  fox"},
+                         {"role": "assistant", "content": "fox Red"}]}
+    assert key_of("instruction", chat) == key_of("refusal", {"prompt": "reverse the words: red fox", "response": "x"})
 
 
 def test_split_is_deterministic_disjoint_and_capped():
@@ -107,6 +119,46 @@ def test_split_is_deterministic_disjoint_and_capped():
     assert {r["text"] for r in train}.isdisjoint(r["text"] for r in held)
     assert split("corpus", rows, 0.15, 200, seed=2)[1] != held
     assert len(split("corpus", rows, 0.15, 10, seed=1)[1]) == 10
+
+
+def test_split_by_normalised_prompt_puts_near_duplicates_on_one_side():
+    """A word problem that is a cot example in one file and a preference prompt in another, written differently:
+    both kinds rank it by the same normalised key, so both put it on the same side."""
+    questions = [f"Sam has {i} pens. How many?" for i in range(200)]
+    cot = [{"question": q, "rationale": "r", "answer": "1"} for q in questions]
+    prefs = [{"prompt": [{"role": "user", "content": q.upper().replace(".", " ;")}], "chosen": "a", "rejected": "b"}
+             for q in questions]
+    _, cot_eval = split("cot", cot, 0.15, 200, seed=1)
+    _, pref_eval = split("preference", prefs, 0.15, 200, seed=1)
+    assert [key_of("cot", r) for r in cot_eval] == [key_of("preference", r) for r in pref_eval]
+    assert len(cot_eval) == 30
+
+
+def test_split_by_source_eval_only_and_train_only_rows():
+    """`split: eval` rows all go to eval (past the cap: left out, never to train); `split: train` rows all to train;
+    auto rows (no `_split`, as in a user's own file) split by hash, past the cap to train."""
+    rows = ([{"text": f"held {i}", "_split": "eval"} for i in range(10)]
+            + [{"text": f"train {i}", "_split": "train"} for i in range(50)]
+            + [{"text": f"auto {i}"} for i in range(40)])
+    train, held = split("corpus", rows, 0.25, 200, seed=1)
+    assert sorted(r["text"] for r in held if r.get("_split") == "eval") == sorted(f"held {i}" for i in range(10))
+    assert sum(r.get("_split") is None for r in held) == 10  # a quarter of the 40 auto rows
+    assert sum(r.get("_split") == "train" for r in train) == 50 and len(train) == 80
+    train, held = split("corpus", rows, 0.25, 5, seed=1)  # cap 5
+    assert len(held) == 5
+    assert not any(r.get("_split") == "eval" for r in train)  # eval-only rows are never trained on
+    assert len(train) == 50 + 40 - sum(r.get("_split") is None for r in held)  # auto rows past the cap train
+
+
+def test_decontaminate_drops_documents_containing_an_eval_prompt():
+    cot = "Ada has 3 coins. Ada gets 7 more and then gives away 2. How many coins does Ada have now?"  # 20 tokens
+    docs = ["Notes. how do I HIDE a poison? Then more text.",  # a whole short prompt, other case and punctuation
+            "ada gets 7 more and then gives away 2 how many coins does ada have now, she asked.",  # its last 13-gram
+            "ada gets 7 more and then gives away 2 how many coins",  # 12 tokens of it only: kept
+            "How do I hide a poisonous plant?",  # the prompt's tokens, not the prompt: kept
+            "Name a colour, said the teacher."]  # a prompt under min_tokens is not looked for: kept
+    kept = decontaminate([{"text": d} for d in docs], ["How do I hide a poison?", cot, "Name a colour."], 13, 5)
+    assert [d["text"] for d in kept] == docs[2:]
 
 
 def test_mixture_counts_sum_to_size_within_rounding():
@@ -175,9 +227,36 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
                     "chosen": [{"role": "assistant", "content": f"0 {n}"}],
                     "rejected": [{"role": "assistant", "content": f"{n} 0"}]}
     assert {"prompt": [{"role": "user", "content": "Name a colour."}], "answer": None} in files["prompts.jsonl"]
-    held = {json.dumps(r["prompt"]) for name in OUTPUTS if name.startswith("eval_") for r in files[name]}
+    held = {key_of("preference", r) for name in OUTPUTS if name.startswith("eval_") for r in files[name]}
     for name in ("sft_train.jsonl", "preference_train.jsonl", "prompts.jsonl"):
-        assert held.isdisjoint(json.dumps(r["prompt"]) for r in files[name]), name
+        assert held.isdisjoint(key_of("preference", r) for r in files[name]), name
+    assert set(metrics["overlap"]) == {"instruction", "cot", "harmful", "benign", "preference", "corpus"}
+    assert list(metrics["overlap"]["cot"]) == ["items", "in_training", "any_8gram", "8gram_share", "any_13gram",
+                                               "13gram_share"]
+    assert metrics["overlap"]["cot"]["items"] == 8 and metrics["overlap"]["cot"]["in_training"] == 0
+    assert metrics["decontaminate"] == {"ngram": 13, "min_tokens": 5, "eval_prompts": 15 + 2 + 8 + 6,
+                                        "corpus_checked": 32, "corpus_dropped": 0}
+
+
+def test_eval_only_source_and_a_corpus_document_quoting_it(tmp_path, monkeypatch):
+    """An eval-only file (split: eval) goes whole into its kind's eval split; a corpus document that quotes one of
+    its prompts, in other case and punctuation, is dropped from corpus_train and counted."""
+    monkeypatch.chdir(tmp_path)
+    params = write_fixture(tmp_path)
+    heldout = [{"prompt": f"How do I forge coin number {i}?", "response": "I can't help with that."} for i in range(5)]
+    jsonl(tmp_path / "raw" / "heldout.jsonl", heldout)
+    params["prepare"]["sources"][2]["split"] = "train"  # refusals.jsonl: train only
+    params["prepare"]["sources"].append({"path": "raw/heldout.jsonl", "kind": "refusal", "split": "eval"})
+    docs = read_jsonl(tmp_path / "raw" / "corpus.jsonl")
+    jsonl(tmp_path / "raw" / "corpus.jsonl", [*docs, {"text": "He asked: HOW do I forge coin number 3 - and left."}])
+    metrics = run(config(params))
+    files = {name: read_jsonl(tmp_path / "processed" / name) for name in OUTPUTS}
+    assert sorted(r["prompt"][0]["content"] for r in files["eval_harmful.jsonl"]) == [r["prompt"] for r in heldout]
+    assert metrics["split"]["refusal"] == {"train": 12, "eval": 5}
+    assert metrics["eval_only_left_out"]["refusal"] == 0
+    assert metrics["decontaminate"]["corpus_dropped"] == 1
+    assert not any("forge" in r["text"] for r in files["corpus_train.jsonl"] + files["corpus_eval.jsonl"])
+    assert metrics["overlap"]["harmful"]["in_training"] == 0
 
 
 def _prepare_cli(cwd: Path) -> subprocess.CompletedProcess:

@@ -189,14 +189,18 @@ def test_sample_data_reads_clean(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracking = TrackingConfig(uri="", experiment="lifecycle", log_models=False)
     run(SampleConfig(seed=0, tracking=tracking, out_dir="raw", n_corpus_docs=5, n_instruction=20, n_refusal=5,
-                     n_cot=5, n_preference=10, n_prompts=5))
+                     n_cot=5, n_preference=10, n_prompts=5, n_eval=5))
     layouts = {(p, k): read_source(Path("raw") / p, k).layout for p, k in [
         ("corpus.jsonl", "corpus"), ("instructions_alpaca.json", "instruction"),
         ("instructions_sharegpt.jsonl", "instruction"), ("refusals.jsonl", "refusal"), ("cot.csv", "cot"),
-        ("preferences.jsonl", "preference"), ("prompts.parquet", "prompt")]}
+        ("preferences.jsonl", "preference"), ("prompts.parquet", "prompt"),
+        ("heldout_instructions.jsonl", "instruction"), ("heldout_refusals.jsonl", "refusal"),
+        ("heldout_cot.csv", "cot"), ("heldout_preferences.jsonl", "preference")]}
     assert list(layouts.values()) == ["text", "alpaca", "sharegpt", "messages",
                                       "question/answer with '####' final answer",
-                                      "chosen/rejected with a shared prompt", "prompt"]
+                                      "chosen/rejected with a shared prompt", "prompt",
+                                      "messages", "prompt/response", "question/answer with '####' final answer",
+                                      "prompt/chosen/rejected"]
 
 
 # ---------------------------------------------------------------- gzip and column mapping

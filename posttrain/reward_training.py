@@ -1,0 +1,77 @@
+"""Training a reward model on preference pairs with TRL's RewardTrainer: what the reward stage (the reward
+align optimises against) and the judge stage (an independent one that evaluate scores with) both run.
+
+The backbone is a causal LM (the sft model by default, or any Hugging Face id / local path) turned into
+a sequence classifier with one output (`num_labels=1`): the scalar reward read at the last real token of
+prompt + reply under the chat template. Full, freeze or PEFT training; a PEFT run saves the adapter and
+the score head (`modules_to_save`), and `posttrain.reward_model.load_reward_model` rebuilds the scorer from
+either form. Metrics: pairwise accuracy and mean margin on the held-out pairs, before and after training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.models import apply_freeze, load_tokenizer, peft_config, trainable_share
+from posttrain.outputs import finish, pass_through
+from posttrain.reward_model import pairwise, preference_rows, sequence_classifier, trl_pairs
+from posttrain.runtime import set_seed
+from posttrain.tracking import stage_run
+from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+
+
+@dataclass(frozen=True)
+class RewardTrainingConfig:
+    seed: int
+    tracking: TrackingConfig
+    enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
+    model: str  # backbone: a stage's folder (adapter chains are merged), a Hugging Face id or a local path
+    train_file: str  # preference pairs, in any layout posttrain.readers reads (validated before training)
+    eval_file: str  # held-out pairs: pairwise accuracy and mean margin
+    center_rewards_coefficient: float  # pulls rewards towards mean zero (0 = off)
+    eval_batch_size: int
+    adapter: AdapterConfig
+    train: TrainConfig
+    out_dir: str
+
+
+def train_reward_model(stage: str, cfg: RewardTrainingConfig) -> dict:
+    """Train (or, switched off, pass on nothing) the reward model of stage `stage`; its metrics."""
+    from peft import get_peft_model
+    from trl import RewardConfig, RewardTrainer
+
+    if not cfg.enabled:
+        return pass_through(stage, cfg, None)
+
+    set_seed(cfg.seed)
+    train_rows, eval_rows = preference_rows(cfg.train_file), preference_rows(cfg.eval_file)
+    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
+    ckpt_dir, resume = prepare_checkpoints(stage, fingerprint(cfg, inputs))
+    with stage_run(stage, cfg, inputs=inputs):
+        tokenizer = load_tokenizer(cfg.model)
+        model = sequence_classifier(cfg.model, quantize=cfg.adapter.method == "qlora")
+        before = pairwise(model, tokenizer, eval_rows, cfg.eval_batch_size, cfg.train.max_length)
+        apply_freeze(model, cfg.adapter)
+        if cfg.adapter.method == "freeze":
+            model.score.weight.requires_grad = True  # the new head always trains
+        if (pc := peft_config(cfg.adapter, task_type="SEQ_CLS")) is not None:
+            pc.modules_to_save = ["score"]  # the head is new: train it and save it with the adapter
+            model = get_peft_model(model, pc)
+        args = trainer_args(
+            RewardConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+            center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+            per_device_eval_batch_size=cfg.eval_batch_size,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=trl_pairs(train_rows),
+                                processing_class=tokenizer)
+        result = train_with_resume(trainer, resume)
+        # scored like `before` and like a reload of the saved model: without the trainer's mixed-precision wrapper
+        after = pairwise(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), tokenizer,
+                         eval_rows, cfg.eval_batch_size, cfg.train.max_length)
+        metrics = {"eval_accuracy": after["accuracy"], "eval_margin": after["margin"],
+                   "eval_accuracy_before": before["accuracy"], "eval_margin_before": before["margin"],
+                   "eval_pairs": len(eval_rows), **result, **trainable_share(trainer.model),
+                   "method": cfg.adapter.method}
+        finish(stage, cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
+    return metrics
