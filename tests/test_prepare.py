@@ -21,7 +21,7 @@ from posttrain.readers import DataError
 from stages.prepare import PrepareConfig, build_mixture, decontaminate, dedupe, key_of, mixture_counts, run, split
 
 OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",
-           "eval_instruction.jsonl", "preference_eval.jsonl", "preference_train.jsonl", "prompts.jsonl",
+           "eval_instruction.jsonl", "preference_eval.jsonl", "preference_judge.jsonl", "preference_train.jsonl", "prompts.jsonl",
            "sft_eval.jsonl", "sft_train.jsonl"]
 RATIOS = {"instruction": 0.6, "refusal": 0.15, "cot": 0.25}
 
@@ -57,7 +57,8 @@ def write_fixture(root: Path) -> dict:
         "prepare": {"sources": [{"path": f"raw/{p}", "kind": k} for p, k in sources], "eval_fraction": 0.2,
                     "max_eval_per_suite": 15, "mixture": {"size": 100, "ratios": dict(RATIOS)},
                     "decontaminate": {"ngram": 13, "min_tokens": 5}, "overlap_ngrams": [8, 13],
-                    "on_bad_rows": "stop", "max_bad_share": 0.01, "out_dir": "processed"},
+                    "judge_share": 0.3, "on_bad_rows": "stop", "max_bad_share": 0.01,
+                    "out_dir": "processed"},
     }
 
 
@@ -81,6 +82,7 @@ def test_repo_params_prepare_section_loads():
     (lambda p: p.update(eval_fraction=1.0), "[prepare.eval_fraction] must be in [0, 1)"),
     (lambda p: p.update(on_bad_rows="skip"), "[prepare.on_bad_rows] must be one of ['stop', 'drop']"),
     (lambda p: p.update(max_bad_share=5), "[prepare.max_bad_share] must be in [0, 1], got 5"),
+    (lambda p: p.update(judge_share=1.0), "[prepare.judge_share] must be in [0, 1), got 1.0"),
     (lambda p: p["sources"][0].update(columns={"body": 1}), "[prepare.sources[0].columns.body] expected str"),
     (lambda p: p["sources"][5].update(split="eval"), "[prepare.sources[5].split] prompts are not split"),
     (lambda p: p["sources"][1].update(split="test"), "[prepare.sources[1].split] must be one of"),
@@ -399,3 +401,16 @@ def test_columns_naming_a_missing_column_stop_with_source_and_column(tmp_path, m
     assert str(e.value) == ("raw/cot.csv, column 'query': not in the file, so it cannot be renamed to 'question' "
                             "(columns found: ['question', 'answer'])")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_the_judges_pairs_are_a_disjoint_share_of_the_train_pairs(tmp_path, monkeypatch):
+    """preference_judge.jsonl holds about judge_share of the train pairs and no prompt of reward / align's pairs."""
+    params = write_fixture(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run(load_config("prepare", PrepareConfig, params=params))
+    train = read_jsonl(tmp_path / "processed/preference_train.jsonl")
+    judge = read_jsonl(tmp_path / "processed/preference_judge.jsonl")
+    assert judge and train
+    assert not {str(r["prompt"]) for r in judge} & {str(r["prompt"]) for r in train}
+    share = len(judge) / (len(judge) + len(train))
+    assert abs(share - params["prepare"]["judge_share"]) < 0.15

@@ -74,3 +74,6 @@ def test_prefers_chosen_reads_the_models_own_likelihood(lifecycle):
     expected = [mean_logp(p["prompt"], p["chosen"]) > mean_logp(p["prompt"], p["rejected"]) for p in pairs]
     assert 0 < sum(expected) < len(expected)  # both outcomes occur: the comparison is tested both ways
     assert prefers_chosen(model, tok, pairs, batch_size=5) == expected
+    as_prepared = [{**p, "chosen": [{"role": "assistant", "content": p["chosen"]}],  # prepare's layout
+                    "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    assert prefers_chosen(model, tok, as_prepared, batch_size=5) == expected

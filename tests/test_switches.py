@@ -25,7 +25,7 @@ def workdir(lifecycle, path, models=None, **overrides):
 def test_switched_off_cpt_passes_base_on_and_sft_and_evaluate_still_run(lifecycle, tmp_path):
     from posttrain.models import load_model
 
-    work = workdir(lifecycle, tmp_path / "w", cpt={"enabled": False}, reward={"enabled": False},
+    work = workdir(lifecycle, tmp_path / "w", cpt={"enabled": False}, judge={"enabled": False},
                    models={"base": "models/base", "cpt": "models/cpt", "sft": "models/sft"},
                    evaluate={"reference": "base"})
     assert run_stage("cpt", work) == {"skipped": True, "model": "models/base"}
@@ -35,7 +35,7 @@ def test_switched_off_cpt_passes_base_on_and_sft_and_evaluate_still_run(lifecycl
 
     sft = run_stage("sft", work)  # trains on base through models/cpt
     assert sft["train_loss"] > 0 and (work / "models/sft/model.safetensors").exists()
-    assert run_stage("reward", work)["skipped"]  # no reward model: the judge's columns read n/a
+    assert run_stage("judge", work)["skipped"]  # no judge: its columns read n/a
 
     table = run_stage("evaluate", work)
     assert {k: v for k, v in table["cpt"].items() if k != "rates"} == {k: v for k, v in table["base"].items()

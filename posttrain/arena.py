@@ -1,0 +1,356 @@
+"""Chat with any model of the lineage in the browser, and compare two of them blind: the arena.
+
+    python -m posttrain.arena                                   # every stage folder under models/ that exists
+    python -m posttrain.arena --models models/sft models/align models/distill
+    python -m posttrain.arena --models models/export models:/llm-lifecycle-student@candidate --port 7861
+
+A Gradio app on http://127.0.0.1:7860 (`--host`, `--port`) with two tabs:
+- Chat: multi-turn chat with one model, picked from `--models` or typed in (a stage's folder, models/export,
+  a Hugging Face id / path, or `models:/<name>@<alias>`; loaded by posttrain.generate.load).
+- Arena: one prompt, two different models of `--models` drawn at random and shown only as "Model A" and
+  "Model B"; after both answers the user votes A, B, tie or both bad, and only then are the names shown.
+
+An A or B vote is appended to `--votes` (default data/feedback/arena.jsonl) as a preference pair in the
+prompt/chosen/rejected layout `prepare` reads (kind `preference`), with the vote's metadata in extra columns
+(the reader ignores them). Ties, both-bad votes and A/B votes on a pair the preference contract would reject
+(identical or empty answers) go to `--ties` instead (default data/feedback/arena_ties.jsonl), so the votes
+file always reads as clean preference data. Every vote is one JSON line, flushed and fsynced before the page
+says it was recorded. Answers stream token by token, greedy unless `--temperature` > 0. Models load on first
+use; at most `--max-loaded` stay in memory. Nothing is sent anywhere: Gradio's analytics are off, no share link,
+and a Hugging Face id loads from the local cache only (unless HF_HUB_OFFLINE=0).
+A tool, not a DVC stage: its settings are command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from posttrain.generate import load
+from posttrain.runtime import set_seed
+
+LINEAGE = ("base", "cpt", "sft", "rft", "align", "distill", "export")  # models/<stage> folders, upstream first
+VOTES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+
+
+# ---------------------------------------------------------------- models
+
+
+class Models:
+    """Models loaded on first use and kept, at most `max_loaded` at once (the least recently used leaves first)."""
+
+    def __init__(self, max_loaded: int):
+        self.max_loaded = max_loaded
+        self.loaded: OrderedDict[str, tuple] = OrderedDict()
+        self.lock = threading.Lock()  # one load at a time: two sessions asking for one model load it once
+
+    def get(self, ref: str) -> tuple:
+        with self.lock:
+            if ref in self.loaded:
+                self.loaded.move_to_end(ref)
+                return self.loaded[ref]
+            while len(self.loaded) >= self.max_loaded:
+                self.loaded.popitem(last=False)
+            gc.collect()  # free the evicted model's memory before the next one is read
+            try:
+                model, tokenizer = load(ref)
+            except SystemExit as e:  # generate.load's message for a missing folder; the app must stay up
+                raise ValueError(str(e)) from None
+            if tokenizer.chat_template is None:
+                raise ValueError(f"{ref}: the tokenizer has no chat template")
+            self.loaded[ref] = (model, tokenizer)
+            return model, tokenizer
+
+
+def _encode(tokenizer, messages: list[dict], max_new_tokens: int, limit: int | None):
+    """The chat prompt's ids; as posttrain.generate.reply, the oldest turns are dropped until it fits the context."""
+    while True:
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        if limit is None or enc["input_ids"].shape[1] + max_new_tokens <= limit or len(messages) <= 1:
+            return enc
+        messages = messages[2:] if len(messages) > 2 else messages[1:]
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0) -> Iterator[str]:
+    """The assistant's next turn after `messages`, yielded whole-so-far as it grows; greedy at temperature 0.
+
+    generate() runs in a thread and feeds a TextIteratorStreamer that this generator reads; an error in the
+    thread ends the stream and is raised here, so a failed generation never leaves the page waiting.
+    """
+    from transformers import TextIteratorStreamer
+
+    model.eval()
+    enc = _encode(tokenizer, messages, max_new_tokens, getattr(model.config, "max_position_embeddings", None))
+    enc = enc.to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            model.generate(**enc, streamer=streamer, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, **sampling)
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread, which raises it
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text.strip()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+# ---------------------------------------------------------------- votes
+
+
+def vote_record(round_: dict, vote: str, time: str) -> tuple[str, dict]:
+    """("votes" or "ties", the JSON row) for `vote` on an arena round (prompt, model_a/b, reply_a/b)."""
+    prompt = [{"role": "user", "content": round_["prompt"]}]
+    meta = {"vote": vote, "model_a": round_["model_a"], "model_b": round_["model_b"], "time": time}
+    if vote in ("A", "B"):
+        win, lose = ("a", "b") if vote == "A" else ("b", "a")
+        pair = {"prompt": prompt, "chosen": round_[f"reply_{win}"], "rejected": round_[f"reply_{lose}"]}
+        problems = _contract_problems(pair)
+        if not problems:
+            return "votes", {**pair, **meta, "chosen_model": round_[f"model_{win}"],
+                             "rejected_model": round_[f"model_{lose}"]}
+        reason = "not a valid preference pair: " + "; ".join(problems)
+    else:
+        reason = VOTES[vote].lower()
+    return "ties", {"prompt": prompt, "reply_a": round_["reply_a"], "reply_b": round_["reply_b"], **meta,
+                    "reason": reason}
+
+
+def _contract_problems(pair: dict) -> list[str]:
+    """The preference schema's complaints about one pair (identical or empty answers), as the reader would say."""
+    import pandas as pd
+
+    from posttrain.readers import validate_frame
+
+    df = pd.DataFrame([pair], columns=["prompt", "chosen", "rejected"], index=[1], dtype=object)
+    return [p.message if p.column is None else f"{p.column}: {p.message}"
+            for p in validate_frame(df, "preference", "vote")]
+
+
+class VoteLog:
+    """Appends votes, one JSON line each, to the votes or the ties file; a vote written is on disk."""
+
+    def __init__(self, votes: Path, ties: Path):
+        self.paths = {"votes": Path(votes), "ties": Path(ties)}
+        self.lock = threading.Lock()  # one writer at a time: two sessions' lines never interleave
+
+    def record(self, round_: dict, vote: str) -> Path:
+        which, row = vote_record(round_, vote, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        path = self.paths[which]
+        with self.lock:
+            append_line(path, json.dumps(row, ensure_ascii=False))
+        return path
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line durably: append mode, flush, fsync (and fsync the folder when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    # A crash mid-write can leave a last line without its newline; start on a fresh line so this one stays whole.
+    lead = "\n" if not new and path.stat().st_size and _last_byte(path) != b"\n" else ""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(lead + line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if new:  # the file's directory entry must reach the disk too, or a crash can lose the whole new file
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+# ---------------------------------------------------------------- the app
+
+
+class Arena:
+    """The app's state shared by all browser sessions: the model list, the loaded models and the vote files."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.refs, self.args = args.models, args
+        self.models = Models(args.max_loaded)
+        self.votes = VoteLog(args.votes, args.ties)
+        self.rng = random.Random()  # which model is A: unpredictable, so the arena stays blind
+
+    def stream(self, ref: str, messages: list[dict]) -> Iterator[str]:
+        import gradio as gr
+
+        try:
+            model, tokenizer = self.models.get(ref)
+        except (ValueError, OSError) as e:
+            raise gr.Error(str(e)) from None
+        yield from stream_reply(model, tokenizer, messages, self.args.max_new_tokens, self.args.temperature,
+                                self.args.top_p)
+
+    # chat tab
+
+    def chat_send(self, message: str, history: list[dict], ref: str):
+        """Outputs: the cleared input, the chatbot, the conversation."""
+        if not message.strip():
+            yield message, history, history
+            return
+        history = [*history, {"role": "user", "content": message}]
+        yield "", [*history, {"role": "assistant", "content": ""}], history
+        answer = ""
+        for answer in self.stream(ref, history):
+            yield "", [*history, {"role": "assistant", "content": answer}], history
+        history = [*history, {"role": "assistant", "content": answer}]
+        yield "", history, history
+
+    # arena tab
+
+    def arena_send(self, prompt: str, round_: dict | None):
+        """Outputs: reply A, reply B, the round, the four vote buttons, the status line."""
+        import gradio as gr
+
+        if len(self.refs) < 2:
+            raise gr.Error("The arena compares two models: start the app with two or more --models.")
+        if not prompt.strip():
+            raise gr.Error("Write a prompt first.")
+        a, b = self.rng.sample(self.refs, 2)
+        round_ = {"prompt": prompt, "model_a": a, "model_b": b, "reply_a": "", "reply_b": "", "done": False,
+                  "voted": False}
+        closed = [gr.Button(interactive=False)] * len(VOTES)
+        yield gr.Textbox(value="", label="Model A"), gr.Textbox(value="", label="Model B"), round_, *closed, \
+            "Model A is answering..."
+        # One model after the other: on a CPU two generations at once would only share the same cores.
+        messages = [{"role": "user", "content": prompt}]
+        for text in self.stream(a, messages):
+            round_["reply_a"] = text
+            yield text, "", round_, *closed, "Model A is answering..."
+        for text in self.stream(b, messages):
+            round_["reply_b"] = text
+            yield round_["reply_a"], text, round_, *closed, "Model B is answering..."
+        round_["done"] = True
+        yield round_["reply_a"], round_["reply_b"], round_, *[gr.Button(interactive=True)] * len(VOTES), \
+            "Which answer is better? The models' names are shown after your vote."
+
+    def arena_vote(self, vote: str, round_: dict | None):
+        """Outputs: as arena_send's."""
+        import gradio as gr
+
+        if not round_ or not round_["done"] or round_["voted"]:
+            raise gr.Error("Send a prompt and wait for both answers; each round takes one vote.")
+        path = self.votes.record(round_, vote)
+        round_ = {**round_, "voted": True}
+        a, b = round_["model_a"], round_["model_b"]
+        status = f"Recorded **{VOTES[vote]}** in `{path}`. Model A was `{a}`, Model B was `{b}`."
+        return gr.Textbox(label=f"Model A: {a}"), gr.Textbox(label=f"Model B: {b}"), round_, \
+            *[gr.Button(interactive=False)] * len(VOTES), status
+
+    def build(self):
+        import gradio as gr
+
+        with gr.Blocks(title="llm-lifecycle arena", analytics_enabled=False) as app:
+            with gr.Tab("Chat", id="chat"):
+                model = gr.Dropdown(self.refs, value=self.refs[0], allow_custom_value=True, elem_id="chat-model",
+                                    label="Model: a stage folder, models/export, or models:/<name>@<alias>")
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot")
+                message = gr.Textbox(label="Message", elem_id="chat-input")
+                with gr.Row():
+                    chat_send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                    clear = gr.Button("Clear", elem_id="chat-clear")
+                history = gr.State([])
+                for event in (chat_send.click, message.submit):
+                    event(self.chat_send, [message, history, model], [message, chatbot, history],
+                          concurrency_id="generate", concurrency_limit=1)
+                clear.click(lambda: ([], []), None, [chatbot, history])
+                model.change(lambda: ([], []), None, [chatbot, history])  # a new model starts a new conversation
+            with gr.Tab("Arena", id="arena"):
+                gr.Markdown("Two anonymous models answer the same prompt. Vote for the better answer; "
+                            "their names are shown after the vote.")
+                with gr.Row():
+                    reply_a = gr.Textbox(label="Model A", lines=8, interactive=False, elem_id="reply-a")
+                    reply_b = gr.Textbox(label="Model B", lines=8, interactive=False, elem_id="reply-b")
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="arena-prompt")
+                send = gr.Button("Send", variant="primary", elem_id="arena-send")
+                with gr.Row():
+                    buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{key.replace('_', '-').lower()}")
+                               for key, label in VOTES.items()]
+                status = gr.Markdown(elem_id="arena-status")
+                round_ = gr.State(None)
+                outputs = [reply_a, reply_b, round_, *buttons, status]
+                # concurrency_id: every generation, in either tab and any session, queues for one worker
+                send.click(self.arena_send, [prompt, round_], outputs, concurrency_id="generate",
+                           concurrency_limit=1)
+                for key, button in zip(VOTES, buttons):
+                    button.click(lambda r, key=key: self.arena_vote(key, r), [round_], outputs)
+        return app
+
+
+def default_models() -> list[str]:
+    """The lineage's stage folders that exist under models/, upstream first."""
+    return [f"models/{stage}" for stage in LINEAGE if Path("models", stage).exists()]
+
+
+def quiet_network() -> None:
+    """Nothing leaves the machine: set before gradio and huggingface_hub are first imported (both read these then).
+
+    No Gradio usage analytics or version check; no hub telemetry; a hub id typed into the chat loads only from
+    the local cache (HF_HUB_OFFLINE=0 in the environment allows downloads).
+    """
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.arena", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="stage folders, HF ids/paths or models:/<name>@<alias> (default: the models/<stage> "
+                             f"folders that exist, of {', '.join(LINEAGE)})")
+    parser.add_argument("--votes", type=Path, default=Path("data/feedback/arena.jsonl"),
+                        help="A/B votes, appended as preference pairs (prompt, chosen, rejected)")
+    parser.add_argument("--ties", type=Path, default=Path("data/feedback/arena_ties.jsonl"),
+                        help="tie and both-bad votes, and A/B votes on pairs that are no valid preference pair")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-loaded", type=int, default=3, help="models kept in memory at once")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (temperature > 0)")
+    args = parser.parse_args(argv)
+    args.models = list(dict.fromkeys(args.models or default_models()))  # a model listed twice is one model
+    if not args.models:
+        parser.error("no models: give --models, or run the lifecycle first (dvc repro) to fill models/")
+    for ref in args.models:  # the rule generate.load applies, checked before the app starts
+        if not Path(ref).exists() and ref.startswith(("models/", "./", "/")):
+            raise SystemExit(f"{ref}: no such model folder (run the stage that writes it, e.g. dvc repro)")
+    if args.max_loaded < 1:
+        parser.error("--max-loaded must be at least 1")
+    quiet_network()
+    set_seed(args.seed)
+    app = Arena(args).build()
+    app.queue().launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, mcp_server=False,
+                       pwa=False, footer_links=[], show_error=True)
+
+
+if __name__ == "__main__":
+    main()
