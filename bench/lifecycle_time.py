@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import load, machine, table  # noqa: E402
 
-CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "bench", "dvc.yaml", "pyproject.toml",
+CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "bench", "data/feedback", "dvc.yaml",
+        "pyproject.toml",
         ".dvcignore", ".gitignore"]
 OVERHEAD = ["imports", "config", "mlflow", "model_io", "checkpoints"]
 COMPUTE = ["train", "eval", "generate"]

@@ -60,6 +60,7 @@ class SourceConfig:
     kind: Literal["corpus", "instruction", "refusal", "cot", "preference", "prompt"]  # layout is auto-detected
     columns: dict[str, str] = field(default_factory=dict)  # {their column: our column}; most files need none
     split: Literal["auto", "train", "eval"] = "auto"  # auto: by hash; train / eval: every row there
+    optional: bool = False  # true: a missing or empty file is no rows (votes the arena has not written yet)
 
 
 @dataclass(frozen=True)
@@ -298,18 +299,24 @@ def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kin
 
 def input_names(cfg: PrepareConfig) -> dict[str, str]:
     names: dict[str, str] = {}
-    for i, s in enumerate(cfg.sources):
+    for i, s in enumerate(present(cfg.sources)):
         name = Path(s.path.removesuffix(".gz")).stem
         names[name if name not in names else f"{name}_{i}"] = s.path
     return names
 
 
+def present(sources: list[SourceConfig]) -> list[SourceConfig]:
+    """The sources to read: an optional one whose file is missing or empty has no rows yet."""
+    return [s for s in sources if not (s.optional and (not Path(s.path).is_file() or Path(s.path).stat().st_size == 0))]
+
+
 def run(cfg: PrepareConfig) -> dict:
-    tables = read_sources(((s.path, s.kind, s.columns) for s in cfg.sources),  # raises DataError; nothing written yet
+    sources = present(cfg.sources)
+    tables = read_sources(((s.path, s.kind, s.columns) for s in sources),  # raises DataError; nothing written yet
                           cfg.on_bad_rows, cfg.max_bad_share)
     rejects = [r.to_json() for t in tables for r in t.rejects]
     rows: dict[str, list[dict]] = {kind: [] for kind in (*SPLIT_KINDS, "prompt")}
-    for t, source in zip(tables, cfg.sources):  # read_sources keeps the order of the sources
+    for t, source in zip(tables, sources):  # read_sources keeps the order of the sources
         rows[t.kind] += [{**r, "_split": source.split} for r in t.rows]
     unique = {kind: dedupe(kind, r) for kind, r in rows.items()}
 

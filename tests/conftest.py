@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # importable with or without `pip install -e .`
-CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "dvc.yaml", "pyproject.toml"]
+CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "data/feedback", "dvc.yaml", "pyproject.toml"]
 
 # fp32: bf16 autocast costs more than it saves on models this small (the e2e test keeps precision: auto).
 _TRAIN = {"max_steps": 6, "batch_size": 4, "logging_steps": 2, "save_steps": 3, "warmup_ratio": 0.0, "num_threads": 1,

@@ -23,6 +23,8 @@ E2E = {
     # precision auto: the default's path (bf16 autocast on a CPU that has it natively)
     "cpt": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20, "precision": "auto"}},
     "sft": {"train": {"max_steps": 40, "learning_rate": 3.0e-3, "save_steps": 20, "precision": "auto"}},
+    # distill's teacher answers as many prompts as training uses: enough that a tiny teacher answers some
+    "distill": {"train": {"max_steps": 16}},
 }
 UPSTREAM_OF_SFT = {"sample", "prepare", "base", "cpt"}
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -102,6 +104,24 @@ def test_changing_an_sft_value_reruns_sft_and_downstream_only(repo):
     ran = ran_stages(out)
     assert {"sft", "evaluate"} <= ran
     assert not ran & UPSTREAM_OF_SFT
+
+
+def test_an_arena_vote_retrains_only_the_preference_stages(repo):
+    """A vote appended as the arena writes it: prepare takes it in, and of the training stages only the ones
+    that read preference pairs run again (cpt and sft read none)."""
+    from posttrain.arena import VoteLog
+
+    path = repo["path"]
+    log = VoteLog(path / "data/feedback/arena.jsonl", path / "data/feedback/arena_ties.jsonl")
+    log.record({"prompt": "Which colour is the sky on a clear day?", "model_a": "models/sft",
+                "model_b": "models/align", "reply_a": "Blue.", "reply_b": "Green, mostly."}, "A")
+    status = sh([DVC, "status"], path, repo["env"]).stdout
+    assert "prepare:" in status and not re.search(r"^(base|cpt|sft|rft):", status, re.M)
+    ran = ran_stages(sh([DVC, "repro"], path, repo["env"]).stdout)
+    assert "prepare" in ran and ran & {"reward", "judge"}  # the vote is a train pair of one of them
+    assert not ran & {"sample", "base", "cpt", "sft", "rft"}
+    prepared = json.loads((path / "metrics/prepare.json").read_text())
+    assert prepared["sources"]["data/feedback/arena.jsonl"]["rows"] == 1
 
 
 def test_readmes_commands_after_make_run_work_verbatim_in_a_fresh_shell(repo):
