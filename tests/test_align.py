@@ -23,7 +23,7 @@ def workdir_from(src: Path, path: Path, **overrides) -> Path:
     """A fresh workdir holding `src`'s data and models, with tiny params + `overrides`."""
     make_workdir(path, tiny_params(**overrides))
     for name in ("data", "models"):
-        shutil.copytree(src / name, path / name)
+        shutil.copytree(src / name, path / name, dirs_exist_ok=True)
     return path
 
 

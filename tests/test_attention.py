@@ -89,8 +89,8 @@ def test_torch_varlen_without_a_gpu_stops_sft_before_anything_is_written(lifecyc
 
     workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "attention": "torch_varlen",
                                                             "out_dir": "models/sft_tv"}))
-    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
-    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt")
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
+    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt", dirs_exist_ok=True)
     with pytest.raises(ValueError, match=r"attention: torch_varlen cannot run here: it needs a CUDA GPU"):
         run_stage("sft", workdir)
     assert not (workdir / "models/sft_tv").exists() and not (workdir / "metrics/sft.json").exists()
@@ -165,8 +165,8 @@ def test_sft_stage_with_packing_trains_and_saves_a_loadable_model(lifecycle, tmp
     from posttrain.models import load_model
 
     workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "out_dir": "models/sft_packed"}))
-    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
-    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt")
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
+    shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt", dirs_exist_ok=True)
     metrics = run_stage("sft", workdir)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     config = json.loads((workdir / "models/sft_packed/config.json").read_text())

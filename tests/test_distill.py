@@ -42,7 +42,7 @@ def teacher(lifecycle, tmp_path_factory):
     make_workdir(wd, tiny_params(sft={"model": "models/sft", "train_file": "data/small.jsonl",
                                       "out_dir": "models/teacher", "train": {**TRAIN, "max_steps": 60}}))
     for name in ("data", "models"):
-        shutil.copytree(lifecycle["workdir"] / name, wd / name)
+        shutil.copytree(lifecycle["workdir"] / name, wd / name, dirs_exist_ok=True)
     rows = (wd / "data/processed/sft_train.jsonl").read_text().splitlines()[:16]
     (wd / "data/small.jsonl").write_text("\n".join(rows) + "\n")
     old = os.environ.get("MLFLOW_TRACKING_URI")
@@ -58,7 +58,7 @@ def workdir_from(src: Path, path: Path, **overrides) -> Path:
     """A fresh workdir with `src`'s data and models and tiny distill params + `overrides`."""
     make_workdir(path, distill_params(**overrides))
     for name in ("data", "models"):
-        shutil.copytree(src / name, path / name)
+        shutil.copytree(src / name, path / name, dirs_exist_ok=True)
     return path
 
 
@@ -181,7 +181,7 @@ def test_logits_with_another_tokenizer_stops_before_training(teacher, tmp_path):
     from stages.distill import DistillError
 
     wd = workdir_from(teacher, tmp_path / "wd", method="logits", student={"source": "models/other"})
-    shutil.copytree(wd / "models/teacher", wd / "models/other")
+    shutil.copytree(wd / "models/teacher", wd / "models/other", dirs_exist_ok=True)
     tok = AutoTokenizer.from_pretrained(wd / "models/other")
     tok.add_tokens(["<extra-token>"])
     tok.save_pretrained(wd / "models/other")

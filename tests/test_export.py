@@ -35,7 +35,7 @@ def exported(lifecycle, tmp_path_factory):
     wd = tmp_path_factory.mktemp("export")
     make_workdir(wd, export_params())
     for name in ("data", "models"):
-        shutil.copytree(lifecycle["workdir"] / name, wd / name)
+        shutil.copytree(lifecycle["workdir"] / name, wd / name, dirs_exist_ok=True)
     (wd / "metrics").mkdir()
     (wd / "metrics/evaluate.json").write_text(json.dumps(TABLE))
     (wd / "dvc.lock").write_text(yaml.safe_dump(LOCK))
@@ -160,7 +160,7 @@ def test_bad_input_stops_and_writes_nothing(lifecycle, tmp_path, override, messa
     from stages.export import ExportError
 
     wd = make_workdir(tmp_path / "wd", export_params(**override))
-    shutil.copytree(lifecycle["workdir"] / "models", wd / "models")
+    shutil.copytree(lifecycle["workdir"] / "models", wd / "models", dirs_exist_ok=True)
     (wd / "metrics").mkdir()
     (wd / "metrics/evaluate.json").write_text(json.dumps(TABLE))
     with pytest.raises(ExportError, match=message):

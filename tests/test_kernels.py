@@ -43,8 +43,8 @@ def test_liger_asks_trl_for_the_layer_kernels_only():
 @pytest.mark.parametrize("stage,upstream", [("sft", "cpt"), ("cpt", "base")])
 def test_liger_without_a_gpu_stops_the_stage_before_anything_is_written(lifecycle, tmp_path, stage, upstream):
     workdir = make_workdir(tmp_path / "w", tiny_params(**{stage: {"kernels": "liger", "out_dir": f"models/{stage}_lg"}}))
-    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
-    shutil.copytree(lifecycle["workdir"] / "models" / upstream, workdir / "models" / upstream)
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
+    shutil.copytree(lifecycle["workdir"] / "models" / upstream, workdir / "models" / upstream, dirs_exist_ok=True)
     with pytest.raises(ValueError, match=r"kernels: liger cannot run here: .*need a CUDA GPU"):
         run_stage(stage, workdir)
     assert not (workdir / f"models/{stage}_lg").exists() and not (workdir / f"metrics/{stage}.json").exists()
@@ -126,8 +126,8 @@ def test_compile_trains_the_stage_compiled_and_saves_the_plain_model(lifecycle, 
     from posttrain.models import load_model
 
     workdir = make_workdir(tmp_path / "w", tiny_params(**{stage: {"compile": True, "out_dir": f"models/{stage}_c"}}))
-    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data")
-    shutil.copytree(lifecycle["workdir"] / "models" / upstream, workdir / "models" / upstream)
+    shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
+    shutil.copytree(lifecycle["workdir"] / "models" / upstream, workdir / "models" / upstream, dirs_exist_ok=True)
     torch._dynamo.reset()
     counters.clear()
     try:

@@ -89,7 +89,7 @@ def test_readme_is_short_and_its_docs_exist():
 def test_a_training_stage_prints_no_profiler_or_allocator_noise(lifecycle, tmp_path):
     work = make_workdir(tmp_path / "w", tiny_params())
     for name in ("data/processed", "models/base"):
-        shutil.copytree(lifecycle["workdir"] / name, work / name)
+        shutil.copytree(lifecycle["workdir"] / name, work / name, dirs_exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "stages.cpt"], cwd=work, capture_output=True, text=True,
                           env=os.environ.copy(), timeout=600)
     out = proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ def sft_workdir(lifecycle, path, method: str):
                               "train": {"max_steps": 4, "save_steps": 100}})
     make_workdir(path, params)
     for name in ("data/processed", "models/base", "models/cpt"):
-        shutil.copytree(lifecycle["workdir"] / name, path / name)
+        shutil.copytree(lifecycle["workdir"] / name, path / name, dirs_exist_ok=True)
     return path
 
 
@@ -58,7 +58,7 @@ def test_qlora_without_gpu_says_why_and_writes_nothing(lifecycle, tmp_path):
 
 def test_base_loads_a_local_model_and_adds_a_chat_template(lifecycle, tmp_path):
     local = tmp_path / "my-model"
-    shutil.copytree(lifecycle["workdir"] / "models/base", local)
+    shutil.copytree(lifecycle["workdir"] / "models/base", local, dirs_exist_ok=True)
     tok_cfg = local / "tokenizer_config.json"
     tok_cfg.write_text(tok_cfg.read_text().replace('"chat_template"', '"_unused_template"'))
     (local / "chat_template.jinja").unlink(missing_ok=True)

@@ -24,7 +24,7 @@ def two_process_sft(lifecycle, tmp_path_factory):
     built = lifecycle["workdir"]
     work = make_workdir(tmp_path_factory.mktemp("ddp"), tiny_params(launch=DDP))
     for path in ("data/processed", "models/base", "models/cpt"):
-        shutil.copytree(built / path, work / path)
+        shutil.copytree(built / path, work / path, dirs_exist_ok=True)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", LIFECYCLE_ID="ddp",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run([sys.executable, "-m", "stages.sft"], cwd=work, env=env,

@@ -77,7 +77,7 @@ def test_every_align_family_runs_on_smollm2(lifecycle_on_smollm2, method, tmp_pa
     built = lifecycle_on_smollm2["work"]
     work = make_workdir(tmp_path / "w", real_params(align={"method": method}))
     for name in ("data/processed", "models/base", "models/cpt", "models/sft", "models/reward"):
-        shutil.copytree(built / name, work / name)
+        shutil.copytree(built / name, work / name, dirs_exist_ok=True)
     metrics = run_stage("align", work)
     assert metrics["method"] == method and metrics["train_loss"] == metrics["train_loss"]
     assert json.loads((work / "models/align/adapter_config.json").read_text())["base_model_name_or_path"] == "../sft"

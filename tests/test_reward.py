@@ -19,7 +19,7 @@ def workdir_from(lifecycle, path: Path, **overrides) -> Path:
     """A fresh workdir holding the lifecycle's data and models, with tiny params + `overrides`."""
     make_workdir(path, tiny_params(**overrides))
     for name in ("data", "models"):
-        shutil.copytree(lifecycle["workdir"] / name, path / name)
+        shutil.copytree(lifecycle["workdir"] / name, path / name, dirs_exist_ok=True)
     return path
 
 

@@ -15,7 +15,7 @@ from posttrain.files import digest
 def workdir_from(src: Path, path: Path, **overrides) -> Path:
     make_workdir(path, tiny_params(**overrides))
     for name in ("data", "models"):
-        shutil.copytree(src / name, path / name)
+        shutil.copytree(src / name, path / name, dirs_exist_ok=True)
     return path
 
 

@@ -18,7 +18,7 @@ def workdir(lifecycle, path, models=None, **overrides):
         params["evaluate"]["models"] = models  # replaced, not merged
     work = make_workdir(path, params)
     for name in ("data/processed", "models/base"):
-        shutil.copytree(lifecycle["workdir"] / name, work / name)
+        shutil.copytree(lifecycle["workdir"] / name, work / name, dirs_exist_ok=True)
     return work
 
 

@@ -25,7 +25,7 @@ def workdir_after_cpt(lifecycle, path: Path, **overrides) -> Path:
     make_workdir(path, tiny_params(**overrides))
     src = lifecycle["workdir"]
     for name in ("data/processed", "models/base", "models/cpt"):
-        shutil.copytree(src / name, path / name)
+        shutil.copytree(src / name, path / name, dirs_exist_ok=True)
     return path
 
 
