@@ -60,7 +60,7 @@ def trained(lifecycle, tmp_path_factory):
 FAST = {"max_steps": 16, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 4, "save_steps": 100}
 OFFLINE = {"train_file": "data/pairs.jsonl", "eval_file": "data/pairs.jsonl", "pairs": "data", "sft_weight": 0.0,
            "train": FAST}
-ONLINE = {"train": dict(FAST, learning_rate=1e-2),
+ONLINE = {"train": dict(FAST, max_steps=32, learning_rate=1e-2),
           "generation": {"num_generations": 4, "max_completion_length": 8, "temperature": 1.0}}
 
 
