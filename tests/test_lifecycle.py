@@ -98,7 +98,7 @@ def test_second_repro_is_a_no_op(repo):
 def test_changing_an_sft_value_reruns_sft_and_downstream_only(repo):
     path = repo["path"]
     params = yaml.safe_load((path / "params.yaml").read_text())
-    params["sft"]["train"]["learning_rate"] = 2.0e-3
+    params["sft"]["train"]["learning_rate"] = 2.9e-3  # near E2E's 3e-3: a tiny teacher that still answers
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([DVC, "repro"], path, repo["env"]).stdout
     ran = ran_stages(out)
