@@ -5,6 +5,9 @@ accuracy on chain-of-thought problems, refusal rate on harmful prompts and over-
 Preference (the held-out preference prompts, judged by the trained reward model): each model's mean
 reward, its win rate against the `reference` model (ties count half) and its KL to the reference
 along its own answers.
+Text scores of the instruction suite's answers: ROUGE-L, BLEU and token F1 (posttrain.textmetrics).
+Benchmarks (`benchmarks`, posttrain.benchmarks): lm-evaluation-harness tasks on local files in the benchmarks'
+published layouts (GSM8K, ARC, MMLU), a column each, with n and a 95 % Wilson interval.
 Writes metrics/evaluate.json (dvc metrics), plots/evaluate.csv (dvc plots) and reports/evaluate.md
 (the table plus sample generations).
 """
@@ -15,6 +18,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.benchmarks import BenchmarkConfig, BenchmarkRunner
 from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
 from posttrain.files import read_jsonl, write_json
@@ -24,12 +28,20 @@ from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
 from posttrain.stats import mcnemar, rate
 from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate
+from posttrain.textmetrics import text_scores
 from posttrain.tracking import log_stage_metrics, stage_run
 
 PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
 PAIRED = (*RATES, "prefers_chosen")  # rates over the same items for every model: McNemar against the reference
 COLUMNS = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", "prefers_chosen",
            *PREFERENCE, "params")
+TEXT = ("instruction_rougeL", "instruction_bleu", "instruction_f1")  # the instruction suite's answers vs its references
+
+
+def columns(benchmarks) -> tuple[str, ...]:
+    """The table's columns: the suites', the text scores, one per benchmark, the judge's, params."""
+    suites = COLUMNS[: -len(PREFERENCE) - 1]
+    return (*suites, *TEXT, *benchmarks, *PREFERENCE, "params")
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class EvaluateConfig:
     reward_model: str  # judges every model's answers to the held-out preference prompts
     reward_max_length: int  # the judge reads the last this many tokens of prompt + answer
     reference: str  # the name in `models` that win rate and KL are measured against
+    benchmarks: dict[str, BenchmarkConfig]  # lm-eval tasks on local files, a column each; {} = none
 
     def __post_init__(self):
         if self.reference not in self.models:
@@ -114,22 +127,23 @@ def _cell(row: dict, column: str) -> str:
 
 
 def write_report(path: str, table: dict[str, dict], samples: dict[str, list], reference: str = "",
-                 judged: dict[str, list] | None = None) -> None:
-    lines = ["# Evaluation", "", "| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+                 judged: dict[str, list] | None = None, cols: tuple[str, ...] = COLUMNS,
+                 paired: tuple[str, ...] = PAIRED) -> None:
+    lines = ["# Evaluation", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in cols) + " |")
     first = next(iter(table.values()), {})
     sizes = ", ".join(f"{m} n={r['n']}" for m, r in first.get("rates", {}).items())
     lines += ["", f"Rates with their 95 % Wilson interval [low, high]; {sizes}. A difference between two models is "
               "real when McNemar's test on the same items says so (below), not when a third decimal differs."]
     if reference:
         lines += ["", f"## Against {reference} (the same items)", "",
-                  "| model | " + " | ".join(f"{m}: diff, p" for m in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+                  "| model | " + " | ".join(f"{m}: diff, p" for m in paired) + " |", "|---" * (len(paired) + 1) + "|"]
         for name, row in table.items():
             if name == reference:
                 continue
             cells = []
-            for m in PAIRED:
+            for m in paired:
                 r = row.get("rates", {}).get(m, {})
                 cells.append("n/a" if r.get("p_vs_reference") is None else
                              f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}")
@@ -150,18 +164,20 @@ def write_report(path: str, table: dict[str, dict], samples: dict[str, list], re
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path: str, table: dict[str, dict]) -> None:
+def write_plot(path: str, table: dict[str, dict], cols: tuple[str, ...] = COLUMNS) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", *COLUMNS])
+        writer.writerow(["model", *cols])
         for name, row in table.items():
-            writer.writerow([name, *(row[c] for c in COLUMNS)])
+            writer.writerow([name, *(row[c] for c in cols)])
 
 
 def run(cfg: EvaluateConfig) -> dict:
     set_seed(cfg.seed)
     set_threads(cfg.num_threads)
+    benchmarks = BenchmarkRunner(cfg.benchmarks, cfg.seed, cfg.batch_size,  # checks their files before a model loads
+                                 taken=(*COLUMNS, *TEXT, "rates", "benchmarks"))
     data = Path(cfg.data_dir)
     suites = {s: read_jsonl(data / f"eval_{s}.jsonl")[: cfg.max_per_suite] for s in SUITES}
     corpus = [r["text"] for r in read_jsonl(data / "corpus_eval.jsonl")]
@@ -181,8 +197,11 @@ def run(cfg: EvaluateConfig) -> dict:
                 continue
             scored[local_path(path)] = name
             model, tokenizer = load_model(path), load_tokenizer(path)
-            flags[name] = {}
-            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, flags=flags[name])
+            flags[name], gens = {}, {}
+            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, generations=gens,
+                                                     flags=flags[name])
+            table[name].update(text_scores(gens["instruction"], [r["answer"] for r in suites["instruction"]],
+                                           prefix="instruction_"))
             flags[name]["prefers_chosen"] = prefers_chosen(model, tokenizer, preference_pairs, cfg.batch_size)
             table[name]["prefers_chosen"] = rate(flags[name]["prefers_chosen"])["value"]
             if judge is None:
@@ -190,19 +209,25 @@ def run(cfg: EvaluateConfig) -> dict:
             else:
                 preference, answers = judge(name, model, tokenizer)
             table[name] = {**table[name], **preference}
+            if cfg.benchmarks:
+                scores = benchmarks.run(model, tokenizer, flags=flags[name], samples=samples[name],
+                                        n_samples=cfg.samples_per_suite)
+                table[name].update({task: r["value"] for task, r in scores.items()}, benchmarks=scores)
             n = min(cfg.samples_per_suite, len(answers))
             judged[name] = list(zip([p[-1]["content"] for p in preference_prompts[:n]], answers[:n],
                                     judge.score(answers[:n]))) if judge is not None else []
             print(f"[evaluate] {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in table[name].items()
-                                                      if v is not None), flush=True)
+                                                      if isinstance(v, (int, float))), flush=True)
             log_stage_metrics(table[name], prefix=f"{name}.")
         for name in table:
             table[name]["rates"] = rate_stats(flags[name], flags[cfg.reference], name == cfg.reference)
-        write_report(cfg.report, table, samples, cfg.reference, judged)
-        write_plot(cfg.plot, table)
+        cols = columns(cfg.benchmarks)
+        write_report(cfg.report, table, samples, cfg.reference, judged, cols, (*PAIRED, *cfg.benchmarks))
+        write_plot(cfg.plot, table, cols)
         import mlflow
 
         mlflow.log_artifact(cfg.report)
+    benchmarks.close()
     write_json("metrics/evaluate.json", table)
     return table
 

@@ -6,12 +6,17 @@ Hugging Face model card with the lineage (stage by stage, back to the base model
 every stage's params from params.yaml and the evaluate table. The same model is logged with MLflow's
 transformers flavour and registered as a new version of `registry.name`; `registry.alias` moves to it
 and the version is tagged with the git commit and the hash of dvc.lock (the upstream stages' entries).
+With `onnx.enabled`, the folder also holds `onnx.dir`: the merged model traced into one ONNX graph with its
+key/value cache (posttrain.onnx_export), whose greedy answers onnxruntime must give token for token as torch does on
+`onnx.check_prompts`; its size and that check go into the metrics. It is written before the registry is touched,
+so a failed export or check stops the stage with nothing written and no new version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +50,7 @@ class ExportConfig:
     max_new_tokens: int  # default generation length of the served model
     card: CardConfig
     registry: RegistryConfig
+    onnx: OnnxExportConfig
     out_dir: str
 
 
@@ -59,6 +65,17 @@ class CardConfig:
 class RegistryConfig:
     name: str  # registered model name in MLflow; each export adds a version
     alias: str  # moved to the new version (e.g. candidate)
+
+
+@dataclass(frozen=True)
+class OnnxExportConfig:
+    enabled: bool  # also write an ONNX copy for onnxruntime
+    dir: str  # inside out_dir, so DVC versions it with the folder
+    opset: int | None  # None: the newest opset onnxscript writes
+    optimize: bool  # onnxscript's optimisation passes after the trace
+    check_prompts: list[str]  # the trace's sample batch (2+, of different token lengths) and the torch-vs-ORT check
+    check_new_tokens: int
+    require_equal: bool  # stop unless every prompt's greedy tokens are equal
 
 
 # ---------------------------------------------------------------- lineage
@@ -178,6 +195,9 @@ def model_card(cfg: ExportConfig, params: dict, chain: list[dict], table: dict, 
         f'python -m posttrain.generate --model {cfg.out_dir} "Count the words.\\n\\nblue fox gold"',
         f"mlflow models serve -m models:/{name}@{cfg.registry.alias} --env-manager local -p 5001",
         "```", "",
+        *([(f"`{cfg.onnx.dir}/` holds the same model as one ONNX graph with its key/value cache (`model.onnx`, "
+            "fp32 weights in `model.onnx.data`) for onnxruntime, with its tokenizer; "
+            "`posttrain.onnx_export.OnnxCausalLM` generates from it (docs/onnx.md)."), ""] if cfg.onnx.enabled else []),
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tok = AutoTokenizer.from_pretrained("{cfg.out_dir}")',
@@ -234,6 +254,48 @@ def check_inputs(cfg: ExportConfig) -> None:
         raise ExportError(f"export.model '{cfg.model}' does not exist: run the stage that writes it first")
     if not Path(cfg.evaluate_metrics).exists():
         raise ExportError(f"export.evaluate_metrics '{cfg.evaluate_metrics}' does not exist: run evaluate first")
+    if cfg.onnx.enabled:
+        check_onnx_inputs(cfg.onnx)
+
+
+def check_onnx_inputs(onnx: OnnxExportConfig) -> None:
+    d = Path(onnx.dir)
+    if d.is_absolute() or ".." in d.parts or d.parts in ((), (".",)):
+        raise ExportError(f"export.onnx.dir '{onnx.dir}' must be a folder name inside export.out_dir")
+    if len(onnx.check_prompts) < 2:
+        raise ExportError("export.onnx.check_prompts needs at least 2 prompts: they are the trace's sample batch, "
+                          "and a batch of 1 would fix the graph's batch to 1")
+    if onnx.check_new_tokens < 1:
+        raise ExportError(f"export.onnx.check_new_tokens must be at least 1, got {onnx.check_new_tokens}")
+    missing = [p for p in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ExportError(f"export.onnx.enabled needs {', '.join(missing)}: pip install -e . (pyproject pins them)")
+
+
+def write_onnx(cfg: ExportConfig, folder: Path, model, tokenizer) -> dict:
+    """Trace the merged folder just written into `folder/onnx.dir` and check onnxruntime's greedy tokens against
+    torch's; the metrics, or an ExportError (the caller's atomic folder is then thrown away)."""
+    import torch
+
+    from posttrain.onnx_export import OnnxCausalLM, export_onnx, greedy_agreement
+
+    o = cfg.onnx
+    try:
+        info = export_onnx(folder, folder / o.dir, o.check_prompts, opset=o.opset, optimize=o.optimize)
+        onnx_model = OnnxCausalLM(folder / o.dir, num_threads=torch.get_num_threads())
+        check = greedy_agreement(model, onnx_model, tokenizer, o.check_prompts, o.check_new_tokens)
+    except Exception as e:
+        raise ExportError(f"export.onnx: exporting {cfg.model} to ONNX failed, nothing was written "
+                          f"(export.onnx.enabled: false exports without it): {type(e).__name__}: {e}") from e
+    n, k = check["prompts"], check["equal"]
+    if o.require_equal and k < n:
+        raise ExportError(f"export.onnx: onnxruntime's greedy tokens differ from torch's on {n - k} of {n} "
+                          f"export.onnx.check_prompts (largest logit difference {check['max_logit_diff']:.2e}); "
+                          "nothing was written (export.onnx.require_equal: false ships it anyway)")
+    return {"onnx_dir": str(Path(cfg.out_dir) / o.dir), "onnx_opset": info["opset"],
+            "onnx_mb": round(info["bytes"] / 2**20, 3), "onnx_export_s": round(info["seconds"], 1),
+            "onnx_greedy_equal": k == n, "onnx_equal_prompts": k, "onnx_check_prompts": n,
+            "onnx_max_logit_diff": check["max_logit_diff"]}
 
 
 def run(cfg: ExportConfig) -> dict:
@@ -271,13 +333,14 @@ def run(cfg: ExportConfig) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             card.save(tmp / "README.md")
+            onnx_metrics = write_onnx(cfg, tmp, model, tokenizer) if cfg.onnx.enabled else {}
             version = register(cfg, model, tokenizer, card, tags)
         import mlflow
 
         mlflow.log_artifact(str(Path(cfg.out_dir) / "README.md"))
         metrics = {"registered_model": cfg.registry.name, "version": int(version), "alias": cfg.registry.alias,
-                   "params": n_params, "lineage": [s["stage"] for s in chain], **tags}
-        log_stage_metrics({"params": n_params, "version": int(version)})
+                   "params": n_params, "lineage": [s["stage"] for s in chain], **tags, **onnx_metrics}
+        log_stage_metrics({"params": n_params, "version": int(version), **onnx_metrics})
     write_json("metrics/export.json", metrics)
     return metrics
 
