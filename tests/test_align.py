@@ -241,6 +241,7 @@ def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
     wd = workdir_from(trained, tmp_path / "wd", align={"method": "dpo", **OFFLINE})
     params = yaml.safe_load((wd / "params.yaml").read_text())
     params["evaluate"]["models"] = {"sft": "models/sft", "aligned": "models/align"}  # replaced, not merged
+    params["evaluate"]["reward_model"] = "models/reward"  # this fixture trains reward, not judge
     (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage("align", wd)
     table = run_stage("evaluate", wd)

