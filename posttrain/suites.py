@@ -50,7 +50,12 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
 
 def win_rate(scores: list[float], against: list[float]) -> float:
     """Share of prompts where `scores` beats `against`; a tie counts half."""
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
+    return sum(wins(scores, against)) / len(scores)
+
+
+def wins(scores: list[float], against: list[float]) -> list[float]:
+    """Per prompt: 1 where `scores` beats `against`, 0.5 for a tie, 0 where it loses."""
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)]
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ from posttrain.models import load_model, load_tokenizer, local_path
 from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
 from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
-from posttrain.stats import mcnemar, rate
-from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate
+from posttrain.stats import mcnemar, paired_bootstrap, rate
+from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, wins
 from posttrain.textmetrics import text_scores
 from posttrain.tracking import log_stage_metrics, stage_run
 
@@ -79,6 +79,7 @@ class Judge:
         self.ref, self.ref_tokenizer = load_model(path), load_tokenizer(path)
         self.ref_answers = generate(self.ref, self.ref_tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
         self.ref_rewards = self.score(self.ref_answers)
+        self.outcomes: dict[str, list[float]] = {}  # per model, per prompt: 1 win, 0.5 tie, 0 loss against the reference
 
     def score(self, answers: list[str]) -> list[float]:
         """Rewards of answers to the first len(answers) prompts."""
@@ -90,13 +91,15 @@ class Judge:
         """reward_score, win_rate and kl_to_ref of one model, and its answers."""
         if name == self.cfg.reference:  # already generated and scored; KL to itself is 0
             rewards = self.ref_rewards
+            self.outcomes[name] = [0.5] * len(rewards)
             return {"reward_score": sum(rewards) / len(rewards), "win_rate": 0.5, "kl_to_ref": 0.0}, self.ref_answers
         answers = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
         rewards = self.score(answers)
+        self.outcomes[name] = wins(rewards, self.ref_rewards)
         same_vocab = tokenizer.get_vocab() == self.ref_tokenizer.get_vocab()
         return {
             "reward_score": sum(rewards) / len(rewards),
-            "win_rate": win_rate(rewards, self.ref_rewards),
+            "win_rate": sum(self.outcomes[name]) / len(rewards),
             "kl_to_ref": kl_along(model, self.ref, tokenizer, self.prompts, answers, self.cfg.batch_size)
             if same_vocab else None,  # token-level KL needs one vocabulary
         }, answers
@@ -114,6 +117,18 @@ def rate_stats(flags: dict[str, list[bool]], reference: dict[str, list[bool]], i
             r["p_vs_reference"] = mcnemar(passed, ref)
         out[metric] = r
     return out
+
+
+def win_rate_stats(outcomes: list[float], is_reference: bool) -> dict:
+    """The win rate's n and 95 % percentile bootstrap interval (resampling prompts), and against the reference
+    (whose win rate is 0.5 by definition) the difference from 0.5 and the exact sign test on the prompts that
+    were not ties (McNemar's test on wins against losses)."""
+    boot = paired_bootstrap(outcomes, [0.0] * len(outcomes))
+    r = {"value": boot["diff"], "n": len(outcomes), "low": boot["low"], "high": boot["high"]}
+    if not is_reference:
+        r["diff_vs_reference"] = boot["diff"] - 0.5
+        r["p_vs_reference"] = mcnemar([o == 1.0 for o in outcomes], [o == 0.0 for o in outcomes])
+    return r
 
 
 def _cell(row: dict, column: str) -> str:
@@ -149,7 +164,9 @@ def write_report(path: str, table: dict[str, dict], samples: dict[str, list], re
                              f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"reward_score: mean reward-model score of the model's answers to the held-out preference "
-                  f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half); "
+                  f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half), "
+                  "with a 95 % bootstrap interval over the prompts; against the reference its diff is from 0.5 and its "
+                  "p the exact sign test on the prompts that were not ties; "
                   f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats). "
                   "prefers_chosen: share of the held-out human-labelled pairs where the model itself gives the "
                   "chosen reply the higher mean log-likelihood per token (no judge involved)."]
@@ -221,8 +238,11 @@ def run(cfg: EvaluateConfig) -> dict:
             log_stage_metrics(table[name], prefix=f"{name}.")
         for name in table:
             table[name]["rates"] = rate_stats(flags[name], flags[cfg.reference], name == cfg.reference)
+            if judge is not None:
+                table[name]["rates"]["win_rate"] = win_rate_stats(judge.outcomes[name], name == cfg.reference)
         cols = columns(cfg.benchmarks)
-        write_report(cfg.report, table, samples, cfg.reference, judged, cols, (*PAIRED, *cfg.benchmarks))
+        paired = (*PAIRED, *cfg.benchmarks, *(["win_rate"] if judge is not None else []))
+        write_report(cfg.report, table, samples, cfg.reference, judged, cols, paired)
         write_plot(cfg.plot, table, cols)
         import mlflow
 

@@ -251,6 +251,21 @@ def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
     header = (wd / "plots/evaluate.csv").read_text().splitlines()[0]
     assert "reward_score,win_rate,kl_to_ref" in header
     assert "win_rate: share of those prompts where it beats sft's answer" in (wd / "reports/evaluate.md").read_text()
+    aligned = table["aligned"]["rates"]["win_rate"]
+    assert aligned["low"] <= table["aligned"]["win_rate"] <= aligned["high"] and aligned["n"] == 6
+    assert aligned["diff_vs_reference"] == pytest.approx(table["aligned"]["win_rate"] - 0.5)
+    assert 0 < aligned["p_vs_reference"] <= 1 and "p_vs_reference" not in table["sft"]["rates"]["win_rate"]
+
+
+def test_win_rate_interval_and_sign_test():
+    from stages.evaluate import win_rate_stats
+
+    all_won = win_rate_stats([1.0] * 10, is_reference=False)
+    assert all_won["value"] == all_won["low"] == all_won["high"] == 1.0
+    assert all_won["p_vs_reference"] == pytest.approx(2 * 0.5**10)  # 10 wins, 0 losses: two-sided exact
+    even = win_rate_stats([1.0, 0.0] * 10 + [0.5] * 5, is_reference=False)
+    assert even["value"] == 0.5 and even["p_vs_reference"] == 1.0 and even["low"] < 0.5 < even["high"]
+    assert even["n"] == 25
 
 
 def test_win_rate_counts_ties_half_and_kl_of_a_model_to_itself_is_zero(lifecycle):
