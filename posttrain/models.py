@@ -176,15 +176,29 @@ def trainable_share(model) -> dict[str, float]:
 
 def save_model(model, tokenizer, out_dir: str | Path, base_path: str | Path) -> None:
     """Save safetensors: the adapter only for PEFT models (pointing at `base_path`), else all weights."""
-    out_dir = Path(out_dir)
-    if hasattr(model, "peft_config"):
-        # Relative to the adapter's own folder (out_dir is a sibling-renamed temp dir of the final one),
-        # so the chain resolves from any working directory and in any clone.
-        local = Path(base_path).exists()
-        base = os.path.relpath(Path(base_path).resolve(), out_dir.resolve()) if local else str(base_path)
-        model.peft_config["default"].base_model_name_or_path = base
+    _point_adapter_at(model, out_dir, base_path)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def save_trained(trainer, tokenizer, out_dir: str | Path, base_path: str | Path) -> None:
+    """What save_model writes, through the trainer's own save path: every process calls it (FSDP's full state
+    dict and DeepSpeed ZeRO-3 gather their shards collectively) and the main process writes `out_dir`."""
+    _point_adapter_at(trainer.accelerator.unwrap_model(trainer.model), out_dir, base_path)
+    trainer.save_model(str(out_dir))
+    if trainer.args.should_save:
+        (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)  # the trainer's pickle: a model folder holds no pickles
+        tokenizer.save_pretrained(out_dir)
+
+
+def _point_adapter_at(model, out_dir: str | Path, base_path: str | Path) -> None:
+    """A PEFT model's adapter names `base_path` as its base: relative to the adapter's own folder where it is
+    local (out_dir is a sibling-renamed temp dir of the final one), so the chain resolves from any working
+    directory and in any clone."""
+    if hasattr(model, "peft_config"):
+        local = Path(base_path).exists()
+        base = os.path.relpath(Path(base_path).resolve(), Path(out_dir).resolve()) if local else str(base_path)
+        model.peft_config["default"].base_model_name_or_path = base
 
 
 def param_count(path: str | Path) -> int:

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.files import atomic_dir, write_json
-from posttrain.models import save_model, write_passthrough
+from posttrain.files import atomic_dir, is_main_process, write_json
+from posttrain.models import save_model, save_trained, write_passthrough
 from posttrain.tracking import log_model_dir, log_stage_metrics, stage_run
 from posttrain.training import clear_checkpoints
 
 
-def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path: str | Path | None = None) -> dict:
-    """Inside the stage's MLflow run: save `model` (if given) into `cfg.out_dir` in one rename, log the metrics
-    and the model folder, write metrics/<stage>.json, then drop the stage's checkpoints (the run is complete)."""
-    if model is not None:
+def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path: str | Path | None = None,
+           trainer=None) -> dict:
+    """Inside the stage's MLflow run: save the model into `cfg.out_dir` in one rename, log the metrics and the
+    model folder, write metrics/<stage>.json, then drop the stage's checkpoints (the run is complete).
+
+    With a `trainer`, its model is saved through the trainer's own save path (posttrain.models.save_trained),
+    which every process of a multi-process launch must call; else `model` (if given) with save_model.
+    """
+    if trainer is not None:
+        with atomic_dir(cfg.out_dir) as tmp:  # the main process's temp dir; a scratch dir in the others
+            save_trained(trainer, tokenizer, tmp, base_path=base_path)
+    elif model is not None:
         with atomic_dir(cfg.out_dir) as tmp:
             save_model(model, tokenizer, tmp, base_path=base_path)
     log_stage_metrics(metrics)
-    if model is not None:
+    if trainer is not None or model is not None:
         log_model_dir(cfg.out_dir, cfg)
     write_json(f"metrics/{stage}.json", metrics)
-    clear_checkpoints(stage)
+    if is_main_process():
+        clear_checkpoints(stage)
     return metrics
 
 

@@ -73,5 +73,5 @@ def train_reward_model(stage: str, cfg: RewardTrainingConfig) -> dict:
                    "eval_accuracy_before": before["accuracy"], "eval_margin_before": before["margin"],
                    "eval_pairs": len(eval_rows), **result, **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
-        finish(stage, cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
+        finish(stage, cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
     return metrics

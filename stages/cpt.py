@@ -80,7 +80,7 @@ def run(cfg: CPTConfig) -> dict:
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
         metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,
                    **trainable_share(trainer.model)}
-        finish("cpt", cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
+        finish("cpt", cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
     return metrics
 
 

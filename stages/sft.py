@@ -91,7 +91,7 @@ def run(cfg: SFTStageConfig) -> dict:
         metrics = {**result, "eval_loss_before": eval_loss_before, "eval_loss": trainer.evaluate()["eval_loss"],
                    **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
-        finish("sft", cfg, metrics, trainer.model, tokenizer, base_path=cfg.model)
+        finish("sft", cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
     return metrics
 
 
