@@ -1,13 +1,14 @@
 """Starting a training stage across several processes under `accelerate launch`.
 
 params.yaml `launch.config` is "" (one plain process: `python -m stages.sft` runs the stage itself) or an
-accelerate config file shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); `python -m
-stages.sft` then re-executes itself (posttrain.cli) as
-`accelerate launch --config_file <config> [--num_processes N] -m stages.sft`. On a machine without CUDA the
-DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed need CUDA GPUs
+accelerate config file shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); every training
+stage (TRAINING_STAGES: `python -m stages.<stage>`, what dvc.yaml runs) then re-executes itself (posttrain.cli)
+as `accelerate launch --config_file <config> [--num_processes N] -m stages.<stage>`. On a machine without CUDA
+the DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed need CUDA GPUs
 (accelerate would quietly fall back to DDP on CPU, so the launcher refuses instead).
 Every process runs the stage's own `run(cfg)`: the trainer shards the data across ranks and all-reduces
-the gradients, and only the main process writes outputs, metrics and MLflow runs (posttrain.files.is_main_process).
+the gradients, the work before training is shared out (posttrain.distributed), and only the main process
+writes outputs, metrics and MLflow runs (posttrain.files.is_main_process).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from posttrain.config import ConfigError
 
 GPU_ONLY = ("FSDP", "DEEPSPEED")
 LAUNCHED = "POSTTRAIN_LAUNCHED"  # set in the processes accelerate starts: they run the stage, not launch again
+TRAINING_STAGES = ("cpt", "sft", "reward", "judge", "align", "rft", "distill")  # each `run_stage(..., launchable=True)`
 
 
 @dataclass(frozen=True)

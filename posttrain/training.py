@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from posttrain.config import TrainConfig
+from posttrain.distributed import main_first
 from posttrain.files import digest
 from posttrain.memory.measure import MemoryWindow
 from posttrain.runtime import resolve_precision, set_threads
@@ -77,7 +78,13 @@ def prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
 
     A folder whose fingerprint differs is refused only when it holds a checkpoint to lose: a run that failed
     before its first checkpoint (bad data, a config error) left nothing worth keeping, so it is started afresh.
+    Under a multi-process launch the main process tidies the folder first, and the others then find it tidied.
     """
+    with main_first():
+        return _prepare_checkpoints(stage, fp)
+
+
+def _prepare_checkpoints(stage: str, fp: str) -> tuple[Path, str | None]:
     root = CHECKPOINT_ROOT / stage
     stamp = root / "fingerprint.txt"
     if root.exists() and stamp.exists() and stamp.read_text().strip() != fp:

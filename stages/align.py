@@ -9,7 +9,8 @@
 The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: for each prompt of
 train_file the model samples `generation.num_generations` replies, the trained reward model scores them and
 the best and worst become chosen and rejected (on-policy pairs ranked by the reward model, as in iterative /
-rejection-sampling DPO). Sampled pairs are cached in the checkpoint dir, so a resumed run trains on the same.
+rejection-sampling DPO). Sampled pairs are cached in the checkpoint dir, so a resumed run trains on the same;
+under a multi-process launch each process samples its share of the prompts (posttrain.distributed).
 
 The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter
 into the weights first, so with a PEFT method the reference is those weights with the new adapter off
@@ -26,7 +27,8 @@ from typing import Literal
 
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
-from posttrain.files import read_jsonl, write_jsonl
+from posttrain.distributed import cached_rows, main_first, split_work
+from posttrain.files import read_jsonl
 from posttrain.models import (apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
                               peft_config, trainable_share)
 from posttrain.outputs import finish, pass_through
@@ -131,9 +133,10 @@ def reference_dir(model_path: str, scratch: Path) -> str:
     """A folder holding the full weights of `model_path`: itself, or its adapter chain merged into `scratch`."""
     if not is_adapter_dir(local_path(model_path)):
         return local_path(model_path)
-    if not (scratch / "model.safetensors").exists():
-        load_model(model_path).save_pretrained(scratch, safe_serialization=True)
-        load_tokenizer(model_path).save_pretrained(scratch)
+    with main_first():  # the main process writes it; the others find it there
+        if not (scratch / "model.safetensors").exists():
+            load_model(model_path).save_pretrained(scratch, safe_serialization=True)
+            load_tokenizer(model_path).save_pretrained(scratch)
     return str(scratch)
 
 
@@ -152,38 +155,46 @@ def matches(reply: str, reference: str) -> bool:
 
 def policy_pairs(cfg: AlignConfig, rows: list[dict], cache: Path) -> tuple[list[dict], dict]:
     """For each prompt of `rows`, the model's own samples ranked by the reward model plus
-    `verifiable_reward_weight` for a sample that matches the pair's chosen reply: (best, worst)."""
-    if cache.exists():
-        pairs = read_jsonl(cache)
-    else:
-        g = cfg.generation
-        rows = rows[: g.max_prompts or examples_needed(cfg.train)]  # sampling is the slow part: no more than used
-        prompts = [r["prompt"] for r in rows]
-        model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-        samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
-                         g.batch_size, desc="policy samples")
-        del model
-        reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
-        scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
-                               [x for s in samples for x in s], g.batch_size, cfg.train.max_length,
-                               desc="reward of samples")
-        pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
-        for i, (row, replies) in enumerate(zip(rows, samples)):
-            verified = [matches(x, row["chosen"]) for x in replies]
-            total = [r + w * v for r, v in zip(scores[i * k : (i + 1) * k], verified)]
-            ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
-            (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
-            if high - low > cfg.min_reward_gap and best and worst and best != worst:
-                pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
-                              "chosen_verified": best_verified})
-        if not pairs:
-            raise ValueError(f"pairs: policy: no prompt of {cfg.train_file} gave two samples whose rewards differ "
-                             f"by more than min_reward_gap={cfg.min_reward_gap}; lower it or sample more "
-                             "(generation.num_generations)")
-        write_jsonl(cache, pairs)
+    `verifiable_reward_weight` for a sample that matches the pair's chosen reply: (best, worst).
+    Under a multi-process launch each process samples and scores its share of the prompts."""
+    rows = rows[: cfg.generation.max_prompts or examples_needed(cfg.train)]  # sampling is slow: no more than used
+    pairs = cached_rows(cache, lambda: _sampled_pairs(cfg, rows))
     return pairs, {"policy_prompts": len(rows), "policy_pairs": len(pairs),
                    "policy_pair_gap": sum(p["gap"] for p in pairs) / len(pairs),
                    "policy_chosen_verified": sum(p["chosen_verified"] for p in pairs) / len(pairs)}
+
+
+def _sampled_pairs(cfg: AlignConfig, rows: list[dict]) -> list[dict]:
+    pairs = split_work(lambda share: _ranked_pairs(cfg, share), rows, "policy samples")
+    if not pairs:
+        raise ValueError(f"pairs: policy: no prompt of {cfg.train_file} gave two samples whose rewards differ "
+                         f"by more than min_reward_gap={cfg.min_reward_gap}; lower it or sample more "
+                         "(generation.num_generations)")
+    return pairs
+
+
+def _ranked_pairs(cfg: AlignConfig, rows: list[dict]) -> list[dict]:
+    """The (best, worst) pair of each prompt of `rows` whose samples' rewards differ by more than min_reward_gap."""
+    g = cfg.generation
+    prompts = [r["prompt"] for r in rows]
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
+                     g.batch_size, desc="policy samples")
+    del model
+    reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
+    scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
+                           [x for s in samples for x in s], g.batch_size, cfg.train.max_length,
+                           desc="reward of samples")
+    pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
+    for i, (row, replies) in enumerate(zip(rows, samples)):
+        verified = [matches(x, row["chosen"]) for x in replies]
+        total = [r + w * v for r, v in zip(scores[i * k : (i + 1) * k], verified)]
+        ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
+        (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
+        if high - low > cfg.min_reward_gap and best and worst and best != worst:
+            pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
+                          "chosen_verified": best_verified})
+    return pairs
 
 
 def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
@@ -289,9 +300,9 @@ def run(cfg: AlignConfig) -> dict:
         if cfg.method in OFFLINE:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "runtime" not in k
                             and "per_second" not in k})
-        finish("align", cfg, metrics, trainer.model, trainer.processing_class, base_path=cfg.model)
+        finish("align", cfg, metrics, tokenizer=trainer.processing_class, base_path=cfg.model, trainer=trainer)
     return metrics
 
 
 if __name__ == "__main__":
-    run_stage("align", AlignConfig, run)
+    run_stage("align", AlignConfig, run, launchable=True)

@@ -26,7 +26,8 @@ import torch
 
 from posttrain.cli import run_stage
 from posttrain.config import StageError, TrackingConfig, TrainConfig
-from posttrain.files import read_jsonl, write_jsonl
+from posttrain.distributed import cached_rows, split_work
+from posttrain.files import is_main_process, read_jsonl
 from posttrain.models import load_model, load_tokenizer
 from posttrain.outputs import finish, pass_through
 from posttrain.runtime import set_seed
@@ -204,17 +205,20 @@ def init_from_teacher(student, teacher) -> None:
 
 def teacher_answers(cfg: DistillConfig, teacher, tokenizer, prompts, cache: Path) -> list[dict]:
     """{"prompt", "completion"} rows of the teacher's greedy answers (empty ones dropped), one per prompt;
-    each distinct prompt is generated once. Cached next to the checkpoints, so a resumed run reuses them."""
-    if cache.exists():
-        return read_jsonl(cache)
+    each distinct prompt is generated once (under a multi-process launch, each process its share of them).
+    Cached next to the checkpoints, so a resumed run reuses them."""
+    return cached_rows(cache, lambda: _answer(cfg, teacher, tokenizer, prompts))
+
+
+def _answer(cfg: DistillConfig, teacher, tokenizer, prompts) -> list[dict]:
     distinct = list({_key(p): p for p in prompts}.values())
-    answers = dict(zip(map(_key, distinct), generate(teacher, tokenizer, distinct, cfg.max_new_tokens,
-                                                      cfg.gen_batch_size, desc="teacher answers")))
+    generated = split_work(lambda share: generate(teacher, tokenizer, share, cfg.max_new_tokens, cfg.gen_batch_size,
+                                                  desc="teacher answers"), distinct, "teacher answers")
+    answers = dict(zip(map(_key, distinct), generated))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": answers[_key(p)]}]}
             for p in prompts if answers[_key(p)].strip()]
     if not rows:
         raise DistillError(f"distill: the teacher {cfg.teacher} gave an empty answer to every prompt")
-    write_jsonl(cache, rows)
     return rows
 
 
@@ -334,8 +338,8 @@ def run(cfg: DistillConfig) -> dict:
                 clear_checkpoints("distill")
             raise
         print(f"[distill] teacher answered {len(rows)} of {len(prompts)} prompts", flush=True)
-    with stage_run("distill", cfg, inputs=inputs):
-        if answers.exists():
+    with stage_run("distill", cfg, inputs=inputs) as tracked:
+        if tracked is not None and answers.exists():  # the main process logs; the others have no run
             mlflow.log_artifact(str(answers))
         if cfg.method == "sequence":
             trainer = _sequence_trainer(cfg, student, s_tok, rows, ckpt_dir)
@@ -347,13 +351,15 @@ def run(cfg: DistillConfig) -> dict:
         compared, samples = compare(cfg, teacher, t_tok, student, s_tok, initial)
         metrics = {"method": cfg.method, "n_prompts": len(prompts), "n_distinct_prompts": len({_key(p) for p in prompts}),
                    "n_train_rows": len(rows), **result, **compared}
-        write_report(cfg.report, {"teacher": metrics["teacher"], "student": metrics["student"]}, samples)
-        mlflow.log_artifact(cfg.report)
-        finish("distill", cfg, metrics, student, s_tok, base_path=cfg.out_dir)
+        if is_main_process():
+            write_report(cfg.report, {"teacher": metrics["teacher"], "student": metrics["student"]}, samples)
+        if tracked is not None:
+            mlflow.log_artifact(cfg.report)
+        finish("distill", cfg, metrics, tokenizer=s_tok, base_path=cfg.out_dir, trainer=trainer)
     print(f"[distill] student keeps {metrics['retained']} of the teacher's scores at "
           f"{metrics['param_ratio']:.2f}x its parameters, {metrics['speedup']:.2f}x its tokens/s", flush=True)
     return metrics
 
 
 if __name__ == "__main__":
-    run_stage("distill", DistillConfig, run)
+    run_stage("distill", DistillConfig, run, launchable=True)

@@ -16,4 +16,4 @@ def run(cfg: RewardTrainingConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("judge", RewardTrainingConfig, run)
+    run_stage("judge", RewardTrainingConfig, run, launchable=True)

@@ -12,4 +12,4 @@ def run(cfg: RewardTrainingConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run_stage("reward", RewardTrainingConfig, run)
+    run_stage("reward", RewardTrainingConfig, run, launchable=True)

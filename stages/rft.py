@@ -1,7 +1,8 @@
 """rft: rejection-sampling fine-tuning on the prompts whose answers can be checked exactly.
 
 1. take the chain-of-thought prompts of the SFT training data (completion ends in '#### <answer>');
-2. sample `num_samples` completions per prompt from the sft model (temperature sampling);
+2. sample `num_samples` completions per prompt from the sft model (temperature sampling; under a multi-process
+   launch each process samples its share of the prompts, posttrain.distributed);
 3. keep the completions whose final answer is right (each distinct one once);
 4. fine-tune the sft model on them, with `replay` mixture rows per kept sample so that the other skills of the
    mixture are not trained away, with TRL's SFTTrainer (loss on the completion).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.distributed import split_work
 from posttrain.files import read_jsonl
 from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
 from posttrain.outputs import finish, pass_through
@@ -108,8 +110,9 @@ def run(cfg: RFTConfig) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
         acc_before = accuracy(model, tokenizer, held_out, cfg)
-        samples = sample(model, tokenizer, [r["prompt"] for r in prompts], cfg.num_samples, cfg.temperature,
-                         cfg.max_new_tokens, cfg.batch_size, desc="rft samples")
+        samples = split_work(lambda share: sample(model, tokenizer, [r["prompt"] for r in share], cfg.num_samples,
+                                                  cfg.temperature, cfg.max_new_tokens, cfg.batch_size,
+                                                  desc="rft samples"), prompts, "rft samples")
         right_by_prompt = [sum(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)]
         right = sum(right_by_prompt)
         kept = keep_correct(prompts, samples)
@@ -117,6 +120,7 @@ def run(cfg: RFTConfig) -> dict:
                    "kept_share": right / (len(prompts) * cfg.num_samples), "kept_distinct": len(kept),
                    "prompts_solved": sum(n > 0 for n in right_by_prompt),
                    "accuracy_before": acc_before, "trained": bool(kept), "method": cfg.adapter.method}
+        trainer = None
         if kept:
             apply_freeze(model, cfg.adapter)
             if (pc := peft_config(cfg.adapter)) is not None:
@@ -134,9 +138,9 @@ def run(cfg: RFTConfig) -> dict:
                   f"{cfg.model} unchanged", flush=True)
         metrics["accuracy_after"] = accuracy(model, tokenizer, held_out, cfg)
         metrics["accuracy_change"] = metrics["accuracy_after"] - acc_before
-        finish("rft", cfg, metrics, model, tokenizer, base_path=cfg.model)
+        finish("rft", cfg, metrics, model, tokenizer, base_path=cfg.model, trainer=trainer)
     return metrics
 
 
 if __name__ == "__main__":
-    run_stage("rft", RFTConfig, run)
+    run_stage("rft", RFTConfig, run, launchable=True)

@@ -1,7 +1,10 @@
-"""A training stage across 2 CPU processes (DDP over gloo) through `python -m stages.sft` with params.yaml `launch` set, what dvc.yaml runs.
+"""The training stages across 2 CPU processes (DDP over gloo) through `python -m stages.<stage>` with params.yaml
+`launch` set, what dvc.yaml runs: sft, then reward, align, rft and distill (judge is reward's code).
 
 Both ranks train (each logs its rank; the trainer's data-parallel world is 2, so one step takes two ranks'
-batches), and rank 0 alone writes the model, the metrics and the MLflow run; the saved model reloads.
+batches), and rank 0 alone writes the model, the metrics and the MLflow run; the saved model reloads. The work
+before training (policy samples, rft's samples, the teacher's answers) is shared out: each rank generates its
+half, and the gathered result is in the order one process would give.
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import pytest
 from conftest import make_workdir, tiny_params
 
 DDP = {"config": "configs/accelerate/ddp.yaml", "num_processes": 2, "main_process_port": 0}
+STEPS = {"max_steps": 2, "save_steps": 2}
+COT = "data/cot.jsonl"
+# rft's sampler and distill's teacher: the sft model overfitted on four word problems (as in test_rft), so rft has
+# right samples to train on (their four answers differ) and the teacher answers every prompt
+MEMORISE = {"train_file": COT, "eval_file": COT, "out_dir": "models/memorised",
+            "train": {"max_steps": 200, "learning_rate": 1e-2, "batch_size": 4, "save_steps": 200}}
+LATER = {
+    "reward": {"train": STEPS},  # judge trains with the same code (posttrain/reward_training.py): reward covers both
+    "align": {"generation": {"batch_size": 8}, "train": STEPS},  # pairs: policy, 2 steps x 4 rows x 2 ranks = 16 prompts
+    "rft": {"model": "models/memorised", "train_file": COT, "max_prompts": 4, "num_samples": 4, "max_new_tokens": 64,
+            "max_eval": 2, "train": STEPS},
+    "distill": {"teacher": "models/memorised", "train": STEPS},  # 2 x 4 x 2 = 16 prompts answered
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +72,106 @@ def test_rank_zero_alone_writes_and_the_model_reloads(two_process_sft):
     assert len(runs) == 1 and runs[0].data.metrics["world_size"] == 2  # one MLflow run, from rank 0
     model = load_model(work / "models/sft")
     assert sum(p.numel() for p in model.parameters()) == json.loads((work / "metrics/sft.json").read_text())["total_params"]
+
+
+def _env(work: Path) -> dict:
+    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", LIFECYCLE_ID="ddp",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.fixture(scope="module")
+def two_process_stages(lifecycle, tmp_path_factory):
+    """reward, align (policy pairs), rft and distill, each once through `python -m stages.<stage>` on 2 processes."""
+    from conftest import run_stage
+
+    built = lifecycle["workdir"]
+    work = make_workdir(tmp_path_factory.mktemp("ddp_stages"), tiny_params(launch=DDP, sft=MEMORISE, **LATER))
+    for path in ("data/processed", "models/cpt", "models/sft"):
+        shutil.copytree(built / path, work / path, dirs_exist_ok=True)
+    rows = [r for r in (work / "data/processed/sft_train.jsonl").read_text().splitlines() if '"source": "cot"' in r]
+    (work / COT).write_text("\n".join(rows[:4]) + "\n")
+    with pytest.MonkeyPatch.context() as mp:  # one plain process, in this one (the per-test MLflow store is not set up)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+        run_stage("sft", work)
+    procs = {stage: subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=_env(work),
+                                   capture_output=True, text=True, timeout=600) for stage in LATER}
+    return {"work": work, "procs": procs}
+
+
+def _loads(work: Path, stage: str) -> int:
+    from posttrain.models import load_model
+    from posttrain.reward_model import load_reward_model
+
+    model = (load_reward_model if stage == "reward" else load_model)(work / "models" / stage)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("stage", list(LATER))
+def test_each_later_stage_trains_on_both_ranks_and_rank_zero_alone_writes(two_process_stages, stage):
+    import mlflow
+
+    work, proc = two_process_stages["work"], two_process_stages["procs"][stage]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes 2" in out
+    assert "[train] rank 0 of 2: 2 steps" in out and "[train] rank 1 of 2: 2 steps" in out
+    metrics = json.loads((work / f"metrics/{stage}.json").read_text())
+    assert metrics["world_size"] == 2
+    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")
+    everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = [r for r in everything if r.data.tags.get("dvc_stage") == stage]
+    assert len(runs) == 1 and runs[0].data.metrics["world_size"] == 2  # one MLflow run, from rank 0
+    assert all(r.data.tags.get("kind") in ("stage", "lifecycle") for r in everything)  # none of another rank's
+    saved = sorted(p.name for p in (work / "models" / stage).iterdir())
+    assert "config.json" in saved or "adapter_config.json" in saved
+    assert "training_args.bin" not in saved  # the trainer's save path, less its pickle: save_model's layout
+    reloaded = {"reward": metrics.get("total_params"), "rft": metrics.get("total_params"),
+                "align": metrics.get("total_params", 0) - metrics.get("trainable_params", 0),  # the adapter merged
+                "distill": metrics.get("student", {}).get("params")}[stage]
+    assert _loads(work, stage) == reloaded  # the saved model reloads
+    assert not [p.name for p in (work / "models").iterdir() if ".tmp" in p.name]  # no half-written leftovers
+    assert not (work / "checkpoints" / stage).exists()
+
+
+def test_generation_before_training_is_shared_out_and_gathered_in_order(two_process_stages):
+    import mlflow
+
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.scoring import generate
+
+    work, procs = two_process_stages["work"], two_process_stages["procs"]
+    assert all(p.returncode == 0 for p in procs.values())
+    m = {s: json.loads((work / f"metrics/{s}.json").read_text()) for s in LATER}
+    halves = {"align": ("policy samples", m["align"]["policy_prompts"]), "rft": ("rft samples", m["rft"]["prompts"]),
+              "distill": ("teacher answers", m["distill"]["n_distinct_prompts"])}
+    for stage, (desc, n) in halves.items():  # each rank its half; one process would have done all n
+        out = procs[stage].stdout + procs[stage].stderr
+        assert f"[{desc}] rank 0 of 2: {(n + 1) // 2} of {n}" in out and f"[{desc}] rank 1 of 2: {n // 2} of {n}" in out
+    assert m["align"]["policy_prompts"] == 16 and 0 < m["align"]["policy_pairs"] <= 16
+    assert m["rft"]["samples"] == 4 * 4 and m["rft"]["trained"] is True
+    assert m["rft"]["prompts_solved"] >= 3  # samples gathered out of order would be checked against other answers
+    # the teacher's answers, gathered from both ranks, are the answers one process gives to the same prompts
+    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.dvc_stage = 'distill'")[0]
+    rows = [json.loads(line) for line in Path(client.download_artifacts(run.info.run_id, "teacher_answers.jsonl",
+                                                                        str(work))).read_text().splitlines()]
+    assert len(rows) == m["distill"]["n_train_rows"] == m["distill"]["n_prompts"] == 16
+    teacher = work / "models/memorised"
+    answers = generate(load_model(teacher), load_tokenizer(teacher), [r["prompt"] for r in rows], 16, 32)
+    assert [r["completion"][0]["content"] for r in rows] == answers
+    assert (work / "reports/distill.md").exists()
+
+
+def test_every_training_stage_starts_through_launch():
+    import yaml
+
+    from posttrain.launch import TRAINING_STAGES
+
+    repo = Path(__file__).resolve().parent.parent
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in TRAINING_STAGES:
+        assert "launchable=True" in (repo / f"stages/{stage}.py").read_text(), stage
+        assert "launch" in dvc[stage]["params"], stage  # changing how it launches re-runs it (the global batch changes)
 
 
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
