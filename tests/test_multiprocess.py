@@ -4,7 +4,8 @@
 Both ranks train (each logs its rank; the trainer's data-parallel world is 2, so one step takes two ranks'
 batches), and rank 0 alone writes the model, the metrics and the MLflow run; the saved model reloads. The work
 before training (policy samples, rft's samples, the teacher's answers) is shared out: each rank generates its
-half, and the gathered result is in the order one process would give.
+half, and the gathered result is in the order one process would give. Multi-node: the launcher's command and
+the SLURM script that runs it on every node.
 """
 
 from __future__ import annotations
@@ -206,3 +207,48 @@ def test_launcher_commands_and_shipped_configs():
         if name != "ddp":  # accelerate has no FSDP / DeepSpeed over CPU processes; it would quietly run DDP
             with pytest.raises(ConfigError, match="needs CUDA GPUs"):
                 command(cfg, "sft", "params.yaml", cuda=False)
+
+
+def test_multinode_command_and_the_slurm_script(tmp_path, monkeypatch):
+    from accelerate.commands.launch import launch_command_parser
+
+    import posttrain.launch as launch
+    from posttrain.config import ConfigError
+
+    repo = Path(__file__).resolve().parent.parent
+    # the script on a fake 2-node allocation: each node's task runs posttrain.launch with its own machine rank
+    fake, calls = tmp_path / "bin", tmp_path / "calls"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho node-a; echo node-b\n")
+    (fake / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                               'SLURM_NODEID=0 "$@" && SLURM_NODEID=1 "$@"\n')
+    (fake / "python").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", PYTHON=str(fake / "python"),
+               SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2")
+    subprocess.run(["bash", str(repo / "configs/slurm/multinode.sbatch"), "align"], env=env, check=True)
+    lines = calls.read_text().splitlines()
+    assert lines == [f"-m posttrain.launch align --num_machines 2 --machine_rank {r} --main_process_ip node-a"
+                     for r in (0, 1)]
+    # what posttrain.launch then runs on node 1: accelerate launch with the node's rank and the fixed port
+    params = tmp_path / "params.yaml"
+    params.write_text(f"launch: {{config: {repo}/configs/accelerate/ddp.yaml, num_processes: 4, main_process_port: 29555}}\n")
+    ran = []
+    monkeypatch.setattr(launch.os, "execve", lambda path, argv, env: ran.append((argv, env)))
+    launch.main([*lines[1].split()[2:], "--params", str(params)])
+    (argv, env), = ran
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and env[launch.LAUNCHED] == "1"
+    assert argv[-4:] == ["-m", "stages.align", "--params", str(params)]
+    args = launch_command_parser().parse_args(argv[3:])  # accelerate's own parser takes every flag
+    assert (args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port) == (2, 1, "node-a", 29555)
+    assert args.num_processes == 8  # accelerate counts the processes of all machines: 4 per machine
+    # a free port (0) is this machine's alone; DeepSpeed nodes start their own processes, as DDP's and FSDP's do
+    cfg = launch.LaunchConfig(str(repo / "configs/accelerate/deepspeed.yaml"), 4, 0)
+    with pytest.raises(ConfigError, match=r"\[launch.main_process_port\] is 0"):
+        launch.command(cfg, "sft", "params.yaml", cuda=True, nodes=launch.Nodes(2, 0, "node-a"))
+    with pytest.raises(ConfigError, match="machine rank 2 is not one of 0..1"):
+        launch.command(cfg, "sft", "params.yaml", cuda=True, nodes=launch.Nodes(2, 2, "node-a"))
+    argv, _ = launch.command(launch.LaunchConfig(cfg.config, 4, 29555), "sft", "params.yaml", cuda=True,
+                             nodes=launch.Nodes(2, 0, "node-a"))
+    assert argv[argv.index("--deepspeed_multinode_launcher") + 1] == "standard"
