@@ -29,7 +29,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # read when torch loads: 
 PARAMS_FILE = "params.yaml"
 GLOBAL_KEYS = ("seed", "tracking")
 DEFAULTS_KEY = "defaults"  # shared blocks, merged under each stage's own (stage_section)
-SHARED_BLOCKS = ("adapter", "train")
+SHARED_BLOCKS = ("adapter", "train", "decode")
 PROFILE_KEY, PROFILES_DIR = "profile", "profiles"  # params.yaml `profile: <name>` lays profiles/<name>.yaml over it
 
 
@@ -127,7 +127,7 @@ def overlaid(base: dict, over: dict) -> dict:
 def stage_section(params: dict, stage: str, path: str | Path = PARAMS_FILE) -> dict:
     """The `stage` section of params.yaml with the shared blocks of `defaults` under it.
 
-    params.yaml `defaults` holds the `adapter` and `train` blocks once; a stage's own `adapter` / `train`
+    params.yaml `defaults` holds the `adapter`, `train` and `decode` blocks once; a stage's own block
     keys win over them. Only blocks the stage writes (even as `{}`) are merged: `train: {}` reads as the
     defaults alone, a stage without `train` gets none.
     """

@@ -11,7 +11,7 @@ import torch
 from posttrain.config import ConfigError
 from posttrain.models import (base_of_adapter, is_adapter_dir, is_passthrough, load_model, load_tokenizer, local_path,
                               passed_on, require_qlora)
-from posttrain.scoring import length_batches, progress
+from posttrain.decoding import length_batches, progress
 
 
 def sequence_classifier(path: str | Path, quantize: bool = False):

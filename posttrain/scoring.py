@@ -1,4 +1,4 @@
-"""Scoring shared by the stages that measure models: perplexity, batched generation, answer checks."""
+"""Scoring shared by the stages that measure models: perplexity, generation (posttrain.decoding), answer checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from posttrain.chat import encode_prompts, prompt_and_answer_ids, prompt_text
+from posttrain.chat import encode_prompts, prompt_and_answer_ids
+from posttrain.decoding import DecodeConfig, decode_prompts
 
 REFUSAL_MARKERS = ("i can't help", "i cannot help", "i can not help", "i won't help", "i'm sorry, but")
 
@@ -37,69 +38,19 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: 
     return math.exp(total / count)
 
 
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar length, longest first: little padding, and the memory peak comes at once."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def progress(total: int, desc: str):
-    """A progress bar on stderr (prompts done, tokens/s in its postfix) for steps that generate or score."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, leave=False)
-
-
-def _new_tokens(ids, tokenizer) -> int:
-    """Generated tokens that count: up to each row's first eos (the rest is padding after a finished row)."""
-    finished = (ids == tokenizer.eos_token_id) | (ids == tokenizer.pad_token_id)
-    return int((finished.cumsum(-1) == 0).sum()) + int(finished.any(-1).sum())
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
-             desc: str = "generate") -> list[str]:
-    """Greedy completions for chat prompts (lists of messages), in batches of similar length with left padding."""
-    model.eval()
-    outputs: list[str] = [""] * len(prompts)
-    lengths = [len(prompt_text(tokenizer, p)) for p in prompts]
-    start, tokens = time.perf_counter(), 0
-    with progress(len(prompts), desc) as bar:
-        for batch in length_batches(lengths, batch_size):
-            enc = encode_prompts(tokenizer, [prompts[i] for i in batch], model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                outputs[i] = text.strip()
-            tokens += _new_tokens(new, tokenizer)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s")
-    return outputs
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+             decode: DecodeConfig, desc: str = "generate") -> list[str]:
+    """Greedy completions for chat prompts (lists of messages), decoded as params.yaml `defaults.decode` says."""
+    return [k[0] for k in decode_prompts(model, tokenizer, prompts, max_new_tokens, batch_size, decode, desc=desc)]
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
-           batch_size: int, desc: str = "sample") -> list[list[str]]:
-    """k sampled completions (pure temperature sampling) per chat prompt, in batches of similar length."""
-    model.eval()
-    out: list[list[str]] = [[] for _ in prompts]
-    lengths = [len(prompt_text(tokenizer, p)) for p in prompts]
-    start, tokens = time.perf_counter(), 0
-    with progress(len(prompts), desc) as bar:
-        for batch in length_batches(lengths, batch_size):
-            enc = encode_prompts(tokenizer, [prompts[i] for i in batch], model.device)
-            ids = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 num_return_sequences=k, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            flat = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for j, i in enumerate(batch):
-                out[i] = [t.strip() for t in flat[j * k : (j + 1) * k]]
-            tokens += _new_tokens(new, tokenizer)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s")
-    return out
+           batch_size: int, decode: DecodeConfig, desc: str = "sample") -> list[list[str]]:
+    """k sampled completions (pure temperature sampling) per chat prompt."""
+    return decode_prompts(model, tokenizer, prompts, max_new_tokens, batch_size, decode, num_return_sequences=k,
+                          temperature=temperature, desc=desc)
 
 
 def normalise(text: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.chat import prompt_and_answer_ids
+from posttrain.decoding import DecodeConfig
 from posttrain.scoring import exact_match, final_answer, generate, is_refusal, perplexity
 
 SUITES = ("instruction", "cot", "harmful", "benign")
@@ -21,7 +22,7 @@ RATES = {  # metric -> (suite, whether one generation passes)
 }
 
 
-def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg,
+def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[str], cfg, decode: DecodeConfig,
                 generations: dict | None = None, flags: dict | None = None):
     """All suite scores of one model, plus a few sample generations per suite.
 
@@ -31,7 +32,7 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
     for intervals and paired tests (posttrain.stats).
     """
     gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
-                        desc=f"suite {s}") for s, rows in suites.items()}
+                        decode, desc=f"suite {s}") for s, rows in suites.items()}
     if generations is not None:
         generations.update(gens)
     passed = {metric: [bool(check(g, r)) for g, r in zip(gens[suite], suites[suite])]

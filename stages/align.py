@@ -27,6 +27,7 @@ from typing import Literal
 
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.decoding import DecodeConfig
 from posttrain.distributed import cached_rows, main_first, split_work
 from posttrain.files import read_jsonl
 from posttrain.models import (apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
@@ -70,6 +71,7 @@ class AlignConfig:
     beta: float  # KL strength (dpo / kto / grpo / rloo); the odds-ratio weight for orpo
     sft_weight: float  # dpo: weight of an SFT term (NLL of the chosen reply) added to the DPO loss (0 = pure DPO)
     generation: GenerationConfig
+    decode: DecodeConfig  # params.yaml defaults.decode: how policy pairs are sampled
     adapter: AdapterConfig
     train: TrainConfig
     out_dir: str
@@ -179,7 +181,7 @@ def _ranked_pairs(cfg: AlignConfig, rows: list[dict]) -> list[dict]:
     prompts = [r["prompt"] for r in rows]
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
-                     g.batch_size, desc="policy samples")
+                     g.batch_size, cfg.decode, desc="policy samples")
     del model
     reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
     scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],

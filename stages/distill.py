@@ -26,6 +26,7 @@ import torch
 
 from posttrain.cli import run_stage
 from posttrain.config import StageError, TrackingConfig, TrainConfig
+from posttrain.decoding import DecodeConfig
 from posttrain.distributed import cached_rows, split_work
 from posttrain.files import is_main_process, read_jsonl
 from posttrain.models import load_model, load_tokenizer
@@ -58,6 +59,7 @@ class DistillConfig:
     max_prompts: int  # cap on the distillation prompts (the first ones; repeats count)
     max_new_tokens: int  # length of the teacher's answers and of the student's on-policy samples
     gen_batch_size: int  # batch size of the teacher's answer generation
+    decode: DecodeConfig  # params.yaml defaults.decode: how the teacher's and the suites' answers are decoded
     student: StudentConfig
     logits: LogitsConfig
     train: TrainConfig
@@ -213,7 +215,7 @@ def teacher_answers(cfg: DistillConfig, teacher, tokenizer, prompts, cache: Path
 def _answer(cfg: DistillConfig, teacher, tokenizer, prompts) -> list[dict]:
     distinct = list({_key(p): p for p in prompts}.values())
     generated = split_work(lambda share: generate(teacher, tokenizer, share, cfg.max_new_tokens, cfg.gen_batch_size,
-                                                  desc="teacher answers"), distinct, "teacher answers")
+                                                  cfg.decode, desc="teacher answers"), distinct, "teacher answers")
     answers = dict(zip(map(_key, distinct), generated))
     rows = [{"prompt": p, "completion": [{"role": "assistant", "content": answers[_key(p)]}]}
             for p in prompts if answers[_key(p)].strip()]
@@ -285,8 +287,8 @@ def compare(cfg, teacher, t_tok, student, s_tok, initial) -> tuple[dict, list]:
     suites = {s: read_jsonl(data / f"eval_{s}.jsonl")[: cfg.eval.max_per_suite] for s in SUITES}
     corpus = [r["text"] for r in read_jsonl(data / "corpus_eval.jsonl")]
     t_out, s_out = {}, {}
-    t_scores, t_samples = score_model(teacher, t_tok, suites, corpus, cfg.eval, generations=t_out)
-    s_scores, s_samples = score_model(student, s_tok, suites, corpus, cfg.eval, generations=s_out)
+    t_scores, t_samples = score_model(teacher, t_tok, suites, corpus, cfg.eval, cfg.decode, generations=t_out)
+    s_scores, s_samples = score_model(student, s_tok, suites, corpus, cfg.eval, cfg.decode, generations=s_out)
     prompts = [r["prompt"] for rows in suites.values() for r in rows]
     t_gen, s_gen = [g for s in suites for g in t_out[s]], [g for s in suites for g in s_out[s]]
     speed = generation_speed({"teacher": (teacher, t_tok), "student": (student, s_tok)},

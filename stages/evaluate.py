@@ -21,6 +21,7 @@ from pathlib import Path
 from posttrain.benchmarks import BenchmarkConfig, BenchmarkRunner
 from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
+from posttrain.decoding import DecodeConfig
 from posttrain.files import read_jsonl, write_json
 from posttrain.models import load_model, load_tokenizer, local_path
 from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
@@ -54,6 +55,7 @@ class EvaluateConfig:
     max_new_tokens: int
     block_size: int  # perplexity block length
     batch_size: int
+    decode: DecodeConfig  # params.yaml defaults.decode: how the suites' answers are decoded
     num_threads: int
     samples_per_suite: int  # generations shown in the report
     report: str
@@ -77,7 +79,8 @@ class Judge:
         self.reward, self.reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
         path = cfg.models[cfg.reference]
         self.ref, self.ref_tokenizer = load_model(path), load_tokenizer(path)
-        self.ref_answers = generate(self.ref, self.ref_tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        self.ref_answers = generate(self.ref, self.ref_tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+                                    cfg.decode)
         self.ref_rewards = self.score(self.ref_answers)
         self.outcomes: dict[str, list[float]] = {}  # per model, per prompt: 1 win, 0.5 tie, 0 loss against the reference
 
@@ -93,7 +96,8 @@ class Judge:
             rewards = self.ref_rewards
             self.outcomes[name] = [0.5] * len(rewards)
             return {"reward_score": sum(rewards) / len(rewards), "win_rate": 0.5, "kl_to_ref": 0.0}, self.ref_answers
-        answers = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size)
+        answers = generate(model, tokenizer, self.prompts, self.cfg.max_new_tokens, self.cfg.batch_size,
+                           self.cfg.decode)
         rewards = self.score(answers)
         self.outcomes[name] = wins(rewards, self.ref_rewards)
         same_vocab = tokenizer.get_vocab() == self.ref_tokenizer.get_vocab()
@@ -215,7 +219,7 @@ def run(cfg: EvaluateConfig) -> dict:
             scored[local_path(path)] = name
             model, tokenizer = load_model(path), load_tokenizer(path)
             flags[name], gens = {}, {}
-            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, generations=gens,
+            table[name], samples[name] = score_model(model, tokenizer, suites, corpus, cfg, cfg.decode, generations=gens,
                                                      flags=flags[name])
             table[name].update(text_scores(gens["instruction"], [r["answer"] for r in suites["instruction"]],
                                            prefix="instruction_"))

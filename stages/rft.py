@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.decoding import DecodeConfig
 from posttrain.distributed import split_work
 from posttrain.files import read_jsonl
 from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
@@ -39,6 +40,7 @@ class RFTConfig:
     temperature: float
     max_new_tokens: int
     batch_size: int  # prompts per generation batch
+    decode: DecodeConfig  # params.yaml defaults.decode
     max_eval: int
     replay: float  # mixture rows (train_file) trained alongside the kept samples, per kept sample: no forgetting
     adapter: AdapterConfig
@@ -69,7 +71,7 @@ def checkable(path: str, limit: int) -> list[dict]:
 
 
 def accuracy(model, tokenizer, rows: list[dict], cfg: RFTConfig) -> float:
-    gens = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
+    gens = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size, cfg.decode,
                     desc="held-out cot")
     return sum(final_answer(g) == r["answer"] for g, r in zip(gens, rows)) / len(rows)
 
@@ -112,7 +114,7 @@ def run(cfg: RFTConfig) -> dict:
         acc_before = accuracy(model, tokenizer, held_out, cfg)
         samples = split_work(lambda share: sample(model, tokenizer, [r["prompt"] for r in share], cfg.num_samples,
                                                   cfg.temperature, cfg.max_new_tokens, cfg.batch_size,
-                                                  desc="rft samples"), prompts, "rft samples")
+                                                  cfg.decode, desc="rft samples"), prompts, "rft samples")
         right_by_prompt = [sum(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)]
         right = sum(right_by_prompt)
         kept = keep_correct(prompts, samples)

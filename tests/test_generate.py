@@ -7,7 +7,10 @@ import io
 import pytest
 import torch
 
+from posttrain.decoding import DecodeConfig
+
 MAX = ["--max-new-tokens", "6"]
+COMPACT = DecodeConfig(engine="compact", sort_by_length=True)
 
 
 def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
@@ -18,7 +21,7 @@ def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
     sft = str(lifecycle["workdir"] / "models/sft")
     answers = main(["--model", sft, *MAX, "Count the words.\\n\\nred fox"])
     expected = generate(load_model(sft), load_tokenizer(sft),
-                        [[{"role": "user", "content": "Count the words.\n\nred fox"}]], 6)
+                        [[{"role": "user", "content": "Count the words.\n\nred fox"}]], 6, 1, COMPACT)
     assert answers == expected
     assert capsys.readouterr().out == answers[0] + "\n"
     two = main(["--model", sft, *MAX, "What is 1 plus 2?", "Sort the numbers.\\n\\n2 1"])

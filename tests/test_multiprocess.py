@@ -138,6 +138,7 @@ def test_generation_before_training_is_shared_out_and_gathered_in_order(two_proc
     import mlflow
 
     from posttrain.models import load_model, load_tokenizer
+    from posttrain.decoding import DecodeConfig
     from posttrain.scoring import generate
 
     work, procs = two_process_stages["work"], two_process_stages["procs"]
@@ -158,7 +159,8 @@ def test_generation_before_training_is_shared_out_and_gathered_in_order(two_proc
                                                                         str(work))).read_text().splitlines()]
     assert len(rows) == m["distill"]["n_train_rows"] == m["distill"]["n_prompts"] == 16
     teacher = work / "models/memorised"
-    answers = generate(load_model(teacher), load_tokenizer(teacher), [r["prompt"] for r in rows], 16, 32)
+    answers = generate(load_model(teacher), load_tokenizer(teacher), [r["prompt"] for r in rows], 16, 32,
+                       DecodeConfig(engine="compact", sort_by_length=True))
     assert [r["completion"][0]["content"] for r in rows] == answers
     assert (work / "reports/distill.md").exists()
 
