@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,3 +88,28 @@ def run_worker(module: str, args: list[str], env: dict | None = None, timeout: f
     result = json.loads(lines[-1])
     result["process_wall_s"] = wall
     return result
+
+
+def build_with_stages(work: Path, stages: list[str], overrides: dict, profile: str = "default") -> Path:
+    """Run `python -m stages.<name>` for each of `stages` in `work` on params.yaml (under `profile`) with
+    `overrides`; returns models/base."""
+    import yaml
+
+    from posttrain.config import overlaid, read_params
+
+    params = read_params(REPO / "params.yaml")
+    if profile != "default":  # laid over here and written out whole
+        params = overlaid(params, yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text()))
+    for section, values in overrides.items():
+        params[section] = {**params[section], **values}
+    params["profile"] = "default"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    for stage in stages:
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env, capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"stages.{stage} failed:\n{proc.stderr[-3000:]}")
+    return work / "models/base"

@@ -26,7 +26,6 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import load, machine, median, rss_mb, table
+from bench.common import build_with_stages, load, machine, median, rss_mb, table
 
 PROMPTS = [
     "Count the words.\n\nblue fox gold",
@@ -43,28 +42,6 @@ PROMPTS = [
     "Sort the numbers.\n\n7 3 9 1 4",
     "What is the capital of France? Answer in one short sentence, then name one river that flows through it.",
 ]
-
-
-def build_with_stages(work: Path, stages: list[str], overrides: dict) -> Path:
-    """Run `python -m stages.<name>` for each of `stages` in `work` on params.yaml with `overrides`; models/base."""
-    import yaml
-
-    from posttrain.config import read_params
-
-    params = read_params(REPO / "params.yaml")
-    for section, values in overrides.items():
-        params[section] = {**params[section], **values}
-    params["profile"] = "default"
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    for stage in stages:
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env, capture_output=True,
-                              text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"stages.{stage} failed:\n{proc.stderr[-3000:]}")
-    return work / "models/base"
 
 
 def models_to_bench(args, scratch: Path) -> dict[str, Path]:

@@ -2,6 +2,8 @@
 
     python -m bench.throughput                      # CPU: Llama 4 layers x 256 wide, vocab 8k, batch 8, 10 steps
     python -m bench.throughput --device cuda --shape qwen0.5b --steps 60    # GPU: Qwen2.5-0.5B shape, bf16
+    python -m bench.throughput --weights DIR --batch 4 --max-length 512    # a pretrained model's real weights
+                                    # (e.g. SmolLM2-135M: models/base of a `profile: real` run)
 
 Each variant trains SFT (and CPT) with TRL's SFTTrainer for N steps in a fresh process of its own (clean
 peak memory), interleaved with the other variants and repeated; the table gives medians of real (non-pad)
@@ -21,7 +23,9 @@ Variants:
                        On a GPU with liger-kernel installed, `kernels: auto` gives it Liger's layer kernels
                        (--ablate kernels=torch is the same run without them).
 
-The data is pre-tokenised and random (no tokenizer or download needed), with long-tailed lengths
+`--weights` trains a pretrained model folder as it is (its own shape, vocabulary and weights) instead of a random
+init; the table then also gives the LM head's share of the matmul FLOPs per token, which a large vocabulary
+makes big. The data is pre-tokenised and random (no tokenizer or download needed), with long-tailed lengths
 (log-normal, clipped to 32..max_length); SFT rows carry a prompt share whose loss is masked.
 """
 
@@ -69,6 +73,26 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 # ---------------------------------------------------------------- model and data
 
 
+def weights_shape(folder: str, max_length: int) -> dict:
+    """The shape of a pretrained model folder, as SHAPES gives it for the random ones."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    return dict(arch=c.model_type, vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
+                heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size,
+                max_length=max_length, weights=str(Path(folder).resolve()))
+
+
+def lm_head_share(model) -> float:
+    """The LM head's share of a token's forward matmul FLOPs: vocab x hidden over that plus every other matrix
+    (embedding lookups cost no matmul)."""
+    head = model.get_output_embeddings().weight.numel()
+    embed = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return head / (total - embed + (head if tied else 0))
+
+
 def build_model(shape: dict, seed: int):
     import torch
     from transformers import (
@@ -79,6 +103,10 @@ def build_model(shape: dict, seed: int):
     )
 
     torch.manual_seed(seed)
+    if shape.get("weights"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(shape["weights"], dtype=torch.float32)
     if torch.cuda.is_available():  # initialise on the GPU: 494 M parameters' random init takes ~15 s on its CPU
         torch.set_default_device("cuda")
     cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if shape["arch"] == "qwen2" else (LlamaForCausalLM, LlamaConfig)
@@ -246,7 +274,7 @@ def worker(a) -> dict:
     import torch
     from trl import SFTTrainer
 
-    shape = SHAPES[a.shape]
+    shape = weights_shape(a.weights, a.max_length) if a.weights else SHAPES[a.shape]
     dataset = build_dataset(a.stage, a.examples, shape, a.seed)
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
         if a.variant.startswith("ours"):  # "ours" or an ablation "ours@train.precision=fp32,sampling=random"
@@ -301,7 +329,7 @@ def worker(a) -> dict:
     mem = memory.metrics()
     result = {"variant": a.variant, "stage": a.stage, "tokens": tokens, "train_wall_s": wall, "tokens_per_s": tps,
               "steady_tokens_per_s": steady, "warmup_steps": a.warmup_steps,
-              "step_s": wall / a.steps, "params": n_params, "tflops": 6 * n_params * tps / 1e12,
+              "step_s": wall / a.steps, "params": n_params, "lm_head_share": lm_head_share(model), "tflops": 6 * n_params * tps / 1e12,
               "peak_memory_mb": peak, "rss_before_train_mb": rss_before, "bf16": bool(args.bf16),
               "train_peak_memory_mb": mem["train_peak_memory_mb"], "plan_estimate_mb": mem["plan_estimate_mb"],
               "early_peak_memory_mb": mem["early_peak_memory_mb"], "plan_parts_mb": memory.plan_parts,
@@ -343,8 +371,9 @@ def compare(a) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = a.shape or ("qwen0.5b" if device == "cuda" else "cpu")
+    described = weights_shape(a.weights, a.max_length) if a.weights else SHAPES[shape]
     results: dict[str, dict[str, list[dict]]] = {}
-    print(f"# throughput: {machine()}; shape {shape} {SHAPES[shape]}; batch {a.batch}, {a.steps} steps, "
+    print(f"# throughput: {machine()}; {'weights' if a.weights else 'shape'} {described}; batch {a.batch}, {a.steps} steps, "
           f"{a.repeats} repeats; load before {load()}", flush=True)
     for stage in a.stages:
         names = (a.variants or variants_for(stage, device)) + [f"ours@{x}" for x in a.ablate or []]
@@ -356,6 +385,7 @@ def compare(a) -> dict:
                         "--warmup-steps", str(a.warmup_steps),
                         "--batch", str(a.batch), "--examples", str(a.examples), "--seed", str(a.seed)]
                 args += [x for s in a.set or [] for x in ("--set", s)]
+                args += ["--weights", a.weights, "--max-length", str(a.max_length)] if a.weights else []
                 args += ["--profile-dir", str(Path(a.profile_dir).resolve())] if a.profile_dir else []
                 try:
                     res = run_worker("bench.throughput", args, env={"TOKENIZERS_PARALLELISM": "false"},
@@ -400,6 +430,9 @@ def compare(a) -> dict:
         print(table(["variant", "tokens/s", "range", "vs trl_default", f"after step {a.warmup_steps}",
                      "vs trl_default", "s/step", "TFLOP/s", "MFU %", f"MFU % after step {a.warmup_steps}",
                      "peak MiB", "plan MiB", "precision"], rows))
+        first = next(iter(by_variant.values()))[0]
+        print(f"\n{first['params'] / 1e6:.1f} M parameters; the LM head is {100 * first['lm_head_share']:.0f} % of a "
+              f"token's forward matmul FLOPs")
         if "ours" in by_variant and best_stock:
             ours = median([r["tokens_per_s"] for r in by_variant["ours"]])
             print(f"\nours / trl_default = {ratio(ours, base)}; ours / best stock flag ({best_stock}) = "
@@ -415,6 +448,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], help="informational; the device is the one torch sees")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: cpu on CPU, qwen0.5b on a GPU)")
+    p.add_argument("--weights", help="a pretrained model folder to train as it is (its shape and weights)")
+    p.add_argument("--max-length", type=int, default=512, help="with --weights: the longest example")
     p.add_argument("--stages", nargs="+", default=["sft", "cpt"], choices=["sft", "cpt"])
     p.add_argument("--variants", nargs="+", help="subset of the variants (default: all that apply)")
     p.add_argument("--steps", type=int, default=10)

@@ -73,3 +73,21 @@ def test_profile_dir_gets_a_table_of_the_steps_after_the_warm_up(tmp_path):
     text = table.read_text()
     # the CPU memory window profiles steps 1-2 itself, so this one starts after them
     assert table.name == "cpt-ours.txt" and text.startswith("# steps 3-5") and "aten::mm" in text
+
+
+def test_weights_trains_a_pretrained_folder_as_it_is_and_gives_the_lm_heads_share(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.throughput import main
+
+    config = LlamaConfig(vocab_size=300, hidden_size=48, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    summary = main(["--weights", str(tmp_path), "--max-length", "64", "--steps", "2", "--repeats", "1",
+                    "--stages", "sft", "--variants", "ours"])
+    (run,) = summary["sft"]["ours"]["runs"]
+    assert run["params"] == sum(p.numel() for p in model.parameters())  # the folder's model, not a SHAPES one
+    per_layer = 4 * 48 * 48 + 3 * 48 * 96  # q, k, v, o and the MLP's three matrices
+    assert run["lm_head_share"] == pytest.approx(300 * 48 / (3 * per_layer + 300 * 48))
+    assert f"the LM head is {round(100 * run['lm_head_share'])} % of a token's forward matmul FLOPs" in capsys.readouterr().out
