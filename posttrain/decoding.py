@@ -5,9 +5,11 @@ align's policy pairs): prompts grouped by length, and finished rows dropped from
 one answer runs to max_new_tokens and the others stop after a few tokens costs as much as if all ran long.
 The `compact` engine runs the same greedy (or temperature) decoding step by step and, whenever rows hit eos,
 selects the rest out of the batch and out of the KV cache (transformers' DynamicCache.batch_select_indices),
-so later steps compute only unfinished rows. Greedy answers equal `model.generate`'s (tested).
-`hf` is the plain `model.generate` call, kept as the reference. params.yaml `defaults.decode` holds the
-choice; bench/generation.py measures both against a plain generate loop.
+so later steps compute only unfinished rows. Greedy answers equal `model.generate`'s (tested). It decodes
+plainly (argmax, or softmax at a temperature): logits processors a model's generation_config may add
+(repetition_penalty, no_repeat_ngram_size, ...) are not applied. `hf` is the plain `model.generate` call, which
+applies them, kept as the reference. params.yaml `defaults.decode` holds the choice; bench/generation.py
+measures both against a plain generate loop.
 """
 
 from __future__ import annotations
