@@ -51,32 +51,32 @@ def workloads(work: Path, params: dict, max_per_suite: int, rft_prompts: int) ->
     }
 
 
-def plain(model, tokenizer, count, batch_size: int, w: dict) -> list[list[str]]:
-    """model.generate on `batch_size` prompts at a time in file order (1: a prompt at a time)."""
+def plain(model, tokenizer, batch_size: int, w: dict) -> tuple[list[list[str]], int]:
+    """(answers, new tokens): model.generate on `batch_size` prompts at a time in file order (1: a prompt at a time)."""
     from posttrain.chat import encode_prompts
     from posttrain.decoding import until_stop
 
-    out = []
+    out, tokens = [], 0
     sampling = {"do_sample": True, "temperature": w["temperature"], "top_k": 0, "top_p": 1.0} if w["temperature"] else {}
     for i in range(0, len(w["prompts"]), batch_size):
         enc = encode_prompts(tokenizer, w["prompts"][i : i + batch_size], model.device)
         ids = model.generate(**enc, max_new_tokens=w["max_new_tokens"], num_return_sequences=w["k"],
                              pad_token_id=tokenizer.pad_token_id, **sampling)
         rows = [until_stop(r, [tokenizer.eos_token_id]) for r in ids[:, enc["input_ids"].shape[1]:].tolist()]
-        count[0] += sum(map(len, rows))
+        tokens += sum(map(len, rows))
         texts = [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
         out += [texts[j : j + w["k"]] for j in range(0, len(texts), w["k"])]
-    return out
+    return out, tokens
 
 
-def ours(model, tokenizer, count, decode, w: dict) -> list[list[str]]:
+def ours(model, tokenizer, decode, w: dict) -> tuple[list[list[str]], int]:
+    """(answers, new tokens) through the stages' decoding path."""
     from posttrain.decoding import decode_prompts
 
     stats = {}
     out = decode_prompts(model, tokenizer, w["prompts"], w["max_new_tokens"], w["batch_size"], decode,
                          num_return_sequences=w["k"], temperature=w["temperature"], desc="bench", stats=stats)
-    count[0] += stats["new_tokens"]
-    return out
+    return out, stats["new_tokens"]
 
 
 def main(argv=None):
@@ -114,10 +114,10 @@ def main(argv=None):
         model.eval()
         decode = DecodeConfig(**params["defaults"]["decode"])
         runs = {
-            "plain_loop": lambda c, w: plain(model, tokenizer, c, 1, w),
-            "plain_batched": lambda c, w: plain(model, tokenizer, c, w["batch_size"], w),
-            "hf_sorted": lambda c, w: ours(model, tokenizer, c, dataclasses.replace(decode, engine="hf"), w),
-            "ours": lambda c, w: ours(model, tokenizer, c, decode, w),
+            "plain_loop": lambda w: plain(model, tokenizer, 1, w),
+            "plain_batched": lambda w: plain(model, tokenizer, w["batch_size"], w),
+            "hf_sorted": lambda w: ours(model, tokenizer, dataclasses.replace(decode, engine="hf"), w),
+            "ours": lambda w: ours(model, tokenizer, decode, w),
         }
         results, rows = [], []
         for name, w in workloads(work, params, a.max_per_suite, a.rft_prompts).items():
@@ -126,12 +126,11 @@ def main(argv=None):
                 walls, tokens = [], []
                 for r in range(a.rounds):
                     torch.manual_seed(r)
-                    count = [0]  # new tokens, filled in by the variant
                     start = time.perf_counter()
                     with torch.no_grad():
-                        answers[variant] = runs[variant](count, w)
+                        answers[variant], n = runs[variant](w)
                     walls.append(time.perf_counter() - start)
-                    tokens.append(count[0])
+                    tokens.append(n)
                 wall, n = median(walls), median(tokens)
                 base = base or (n / wall)
                 same = ("n/a (sampled)" if w["temperature"] else

@@ -38,14 +38,12 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int, batch_size: 
     return math.exp(total / count)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
              decode: DecodeConfig, desc: str = "generate") -> list[str]:
     """Greedy completions for chat prompts (lists of messages), decoded as params.yaml `defaults.decode` says."""
     return [k[0] for k in decode_prompts(model, tokenizer, prompts, max_new_tokens, batch_size, decode, desc=desc)]
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
            batch_size: int, decode: DecodeConfig, desc: str = "sample") -> list[list[str]]:
     """k sampled completions (pure temperature sampling) per chat prompt."""

@@ -28,7 +28,7 @@ from posttrain.reward_model import has_reward_model, load_reward_model, reward_s
 from posttrain.runtime import set_seed, set_threads
 from posttrain.scoring import generate
 from posttrain.stats import mcnemar, paired_bootstrap, rate
-from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, wins
+from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate, wins
 from posttrain.textmetrics import text_scores
 from posttrain.tracking import log_stage_metrics, stage_run
 
@@ -103,7 +103,7 @@ class Judge:
         same_vocab = tokenizer.get_vocab() == self.ref_tokenizer.get_vocab()
         return {
             "reward_score": sum(rewards) / len(rewards),
-            "win_rate": sum(self.outcomes[name]) / len(rewards),
+            "win_rate": win_rate(rewards, self.ref_rewards),
             "kl_to_ref": kl_along(model, self.ref, tokenizer, self.prompts, answers, self.cfg.batch_size)
             if same_vocab else None,  # token-level KL needs one vocabulary
         }, answers

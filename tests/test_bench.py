@@ -91,3 +91,16 @@ def test_weights_trains_a_pretrained_folder_as_it_is_and_gives_the_lm_heads_shar
     per_layer = 4 * 48 * 48 + 3 * 48 * 96  # q, k, v, o and the MLP's three matrices
     assert run["lm_head_share"] == pytest.approx(300 * 48 / (3 * per_layer + 300 * 48))
     assert f"the LM head is {round(100 * run['lm_head_share'])} % of a token's forward matmul FLOPs" in capsys.readouterr().out
+
+
+def test_generation_bench_times_the_stages_decoding_next_to_a_plain_loop_with_equal_greedy_answers(lifecycle, capsys):
+    from bench.generation import main
+
+    results = main(["--workdir", str(lifecycle["workdir"]), "--max-per-suite", "2", "--rft-prompts", "2",
+                    "--variants", "plain_loop", "ours"])
+    by = {(r["workload"], r["variant"]): r for r in results}
+    loop, ours = by["evaluate suites", "plain_loop"], by["evaluate suites", "ours"]
+    assert loop["prompts"] == ours["prompts"] == 8 and loop["batch_size"] == 1
+    assert ours["same_answers"] == "8/8" and ours["new_tokens"] == loop["new_tokens"] > 0  # greedy: the same tokens
+    assert by["rft samples", "ours"]["k"] == 2 and by["rft samples", "ours"]["same_answers"] == "n/a (sampled)"
+    assert "| evaluate suites | ours |" in capsys.readouterr().out
