@@ -14,8 +14,9 @@ An A or B vote is appended to `--votes` (default data/feedback/arena.jsonl) as a
 prompt/chosen/rejected layout `prepare` reads (kind `preference`), with the vote's metadata in extra columns
 (the reader ignores them). Ties, both-bad votes and A/B votes on a pair the preference contract would reject
 (identical or empty answers) go to `--ties` instead (default data/feedback/arena_ties.jsonl), so the votes
-file always reads as clean preference data. Every vote is one JSON line, flushed and fsynced before the page
-says it was recorded. Answers stream token by token, greedy unless `--temperature` > 0. Models load on first
+file always reads as clean preference data. Every vote is one JSON line with a unique `id`, written whole by one
+append under a lock (a thread lock and an flock on the file, so sessions and processes never interleave) and
+fsynced before the page says it was recorded. Answers stream token by token, greedy unless `--temperature` > 0. Models load on first
 use; at most `--max-loaded` stay in memory. Nothing is sent anywhere: Gradio's analytics are off, no share link,
 and a Hugging Face id loads from the local cache only (unless HF_HUB_OFFLINE=0).
 A tool, not a DVC stage: its settings are command-line flags.
@@ -24,11 +25,13 @@ A tool, not a DVC stage: its settings are command-line flags.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
 import os
 import random
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -118,10 +121,11 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int, te
 # ---------------------------------------------------------------- votes
 
 
-def vote_record(round_: dict, vote: str, time: str) -> tuple[str, dict]:
+def vote_record(round_: dict, vote: str, time: str, vote_id: str = "") -> tuple[str, dict]:
     """("votes" or "ties", the JSON row) for `vote` on an arena round (prompt, model_a/b, reply_a/b)."""
     prompt = [{"role": "user", "content": round_["prompt"]}]
-    meta = {"vote": vote, "model_a": round_["model_a"], "model_b": round_["model_b"], "time": time}
+    meta = {"vote": vote, "model_a": round_["model_a"], "model_b": round_["model_b"], "time": time,
+            **({"id": vote_id} if vote_id else {})}
     if vote in ("A", "B"):
         win, lose = ("a", "b") if vote == "A" else ("b", "a")
         pair = {"prompt": prompt, "chosen": round_[f"reply_{win}"], "rejected": round_[f"reply_{lose}"]}
@@ -152,38 +156,86 @@ class VoteLog:
 
     def __init__(self, votes: Path, ties: Path):
         self.paths = {"votes": Path(votes), "ties": Path(ties)}
-        self.lock = threading.Lock()  # one writer at a time: two sessions' lines never interleave
 
-    def record(self, round_: dict, vote: str) -> Path:
-        which, row = vote_record(round_, vote, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    def record(self, round_: dict, vote: str, vote_id: str | None = None) -> Path:
+        """Append the vote (with `vote_id`, a fresh one if None) and return the file it went to."""
+        which, row = vote_record(round_, vote, datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 vote_id or new_vote_id())
         path = self.paths[which]
-        with self.lock:
-            append_line(path, json.dumps(row, ensure_ascii=False))
+        append_line(path, json.dumps(row, ensure_ascii=False))
         return path
 
 
+def new_vote_id() -> str:
+    return uuid.uuid4().hex
+
+
+_APPEND_LOCK = threading.Lock()  # one appender per process; flock below keeps other processes out
+
+
 def append_line(path: Path, line: str) -> None:
-    """Append one line durably: append mode, flush, fsync (and fsync the folder when the file is new)."""
+    """Append one line durably and whole, safe from threads and from other processes writing the same file.
+
+    Under a thread lock and an exclusive flock on the file: one os.write of the whole line to an O_APPEND
+    descriptor, then fsync (and fsync of the folder when the file is new), all before returning. A last line
+    without its newline can only be left by a writer that died mid-write (a live one holds the lock): if it
+    reads as JSON it is kept and ended, otherwise it is moved to `<file>.torn` and cut, so the file stays
+    valid JSONL and the vote that was in flight is all a crash loses.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line + "\n").encode("utf-8")
     new = not path.exists()
-    # A crash mid-write can leave a last line without its newline; start on a fresh line so this one stays whole.
-    lead = "\n" if not new and path.stat().st_size and _last_byte(path) != b"\n" else ""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(lead + line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if new:  # the file's directory entry must reach the disk too, or a crash can lose the whole new file
-        fd = os.open(path.parent, os.O_RDONLY)
+    with _APPEND_LOCK:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close below, or by the kernel if this process dies
+            data = _mend_torn_tail(fd, path) + data
+            view = memoryview(data)
+            while view:  # a regular file takes it in one write; a short one (disk full, signal) goes on from there
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
+    if new:  # the file's directory entry must reach the disk too, or a crash can lose the whole new file
+        _fsync_dir(path.parent)
 
 
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
+def _mend_torn_tail(fd: int, path: Path) -> bytes:
+    """What to write before the next line: b"" after a whole last line; b"\\n" after a last line that is whole
+    JSON but lacks its newline; after a torn one (not JSON), b"" once it is moved to `<path>.torn` and cut."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return b""
+    start = size
+    while start > 0:  # back to the byte after the last newline
+        chunk = os.pread(fd, min(65536, start), start - min(65536, start))
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            start = start - len(chunk) + cut + 1
+            break
+        start -= len(chunk)
+    tail = os.pread(fd, size - start, start)
+    try:
+        if isinstance(json.loads(tail), dict):
+            return b"\n"
+    except ValueError:  # not JSON, or not UTF-8
+        pass
+    aside = path.with_name(path.name + ".torn")
+    with aside.open("ab") as f:  # kept, not lost, before it is cut: a crash here leaves it in both places
+        f.write(tail + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.ftruncate(fd, start)
+    return b""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- the app
@@ -257,10 +309,11 @@ class Arena:
 
         if not round_ or not round_["done"] or round_["voted"]:
             raise gr.Error("Send a prompt and wait for both answers; each round takes one vote.")
-        path = self.votes.record(round_, vote)
+        vote_id = new_vote_id()
+        path = self.votes.record(round_, vote, vote_id)
         round_ = {**round_, "voted": True}
         a, b = round_["model_a"], round_["model_b"]
-        status = f"Recorded **{VOTES[vote]}** in `{path}`. Model A was `{a}`, Model B was `{b}`."
+        status = f"Recorded **{VOTES[vote]}** in `{path}` (vote `{vote_id}`). Model A was `{a}`, Model B was `{b}`."
         return gr.Textbox(label=f"Model A: {a}"), gr.Textbox(label=f"Model B: {b}"), round_, \
             *[gr.Button(interactive=False)] * len(VOTES), status
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -70,20 +71,37 @@ def test_votes_are_preference_pairs_prepare_reads_and_ties_go_aside(tmp_path):
     assert (first["vote"], first["chosen_model"], first["rejected_model"]) == ("A", "models/sft", "models/cpt")
     assert (first["model_a"], first["model_b"]) == ("models/sft", "models/cpt")
     datetime.fromisoformat(first["time"])
+    ids = [json.loads(line)["id"] for path in (votes, ties) for line in path.read_text().splitlines()]
+    assert len(set(ids)) == 6 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)  # each vote its own id
+    log.record(ROUND, "A", vote_id="given")
+    assert json.loads(votes.read_text().splitlines()[-1])["id"] == "given"
     aside = [json.loads(line) for line in ties.read_text().splitlines()]
     assert [r["vote"] for r in aside] == ["tie", "both_bad", "A", "B"]
     assert "chosen_ne_rejected" in aside[2]["reason"] and "non_empty" in aside[3]["reason"]
     assert (aside[0]["reply_a"], aside[0]["reply_b"]) == ("3", "four")
 
 
-def test_a_vote_after_a_torn_last_line_starts_a_line_of_its_own(tmp_path):
+def test_a_torn_last_line_is_moved_aside_and_a_whole_one_kept(tmp_path):
     from posttrain.arena import VoteLog
 
-    votes = tmp_path / "arena.jsonl"
-    votes.write_text('{"prompt": "cut off by a cra')  # what a crash in the middle of a write leaves
-    VoteLog(votes, tmp_path / "ties.jsonl").record(ROUND, "A")
-    _torn, line = votes.read_text().splitlines()
-    assert json.loads(line)["chosen"] == "3"
+    votes, ties = tmp_path / "arena.jsonl", tmp_path / "ties.jsonl"
+    whole = json.dumps({"prompt": "kept", "chosen": "x", "rejected": "y"})
+    torn = '{"prompt": "cut off by a cra'  # what a writer killed in the middle of its write leaves
+    votes.write_text(whole + "\n" + torn)
+    VoteLog(votes, ties).record(ROUND, "A")
+    first, line = votes.read_text().splitlines()  # valid JSONL again: prepare reads it
+    assert first == whole and json.loads(line)["chosen"] == "3"
+    assert (tmp_path / "arena.jsonl.torn").read_text() == torn + "\n"  # kept aside, not thrown away
+
+    votes.write_text(whole)  # a whole last line without its newline (an editor's save) stays
+    VoteLog(votes, ties).record(ROUND, "B")
+    first, line = votes.read_text().splitlines()
+    assert first == whole and json.loads(line)["chosen"] == "four"
+
+    votes.write_text(torn)  # a torn line alone: the file is cut to nothing before the vote
+    VoteLog(votes, ties).record(ROUND, "A")
+    assert [json.loads(line)["chosen"] for line in votes.read_text().splitlines()] == ["3"]
+    assert (tmp_path / "arena.jsonl.torn").read_text() == (torn + "\n") * 2
 
 
 def test_bad_invocations_explain_themselves(tmp_path, monkeypatch):
@@ -182,6 +200,7 @@ def test_arena_and_chat_in_a_headless_browser(lifecycle, tmp_path):
         css(By.CSS_SELECTOR, "#vote-a").click()
         wait.until(lambda d: "Recorded" in d.find_element(By.CSS_SELECTOR, "#arena-status").text)
         assert not css(By.CSS_SELECTOR, "#vote-b").is_enabled()  # one vote a round
+        status = css(By.CSS_SELECTOR, "#arena-status").text
 
         table = read_source(votes, "preference")
         assert [(r["prompt"], r["chosen"], r["rejected"]) for r in table.rows] == [
@@ -189,6 +208,7 @@ def test_arena_and_chat_in_a_headless_browser(lifecycle, tmp_path):
         row = json.loads(votes.read_text())
         assert {row["model_a"], row["model_b"]} == {"models/sft", "models/cpt"}
         assert (row["vote"], row["chosen_model"]) == ("A", row["model_a"])
+        assert re.fullmatch(r"[0-9a-f]{32}", row["id"]) and row["id"] in status  # the page names the vote it wrote
         revealed = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#reply-a [data-testid=block-info], "
                                                                           "#reply-b [data-testid=block-info]")]
         assert revealed == [f"Model A: {row['model_a']}", f"Model B: {row['model_b']}"]
