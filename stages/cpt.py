@@ -11,14 +11,14 @@ from typing import Literal
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
 from posttrain.files import require_rows
+from posttrain.harness import TrainingStage, make_trainable
 from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from posttrain.lm_head import set_loss_head
-from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish, pass_through
-from posttrain.runtime import set_seed
+from posttrain.models import load_for_training, load_tokenizer, trainable_share
 from posttrain.scoring import perplexity
-from posttrain.tracking import stage_run
-from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.training import trainer_args
+
+STAGE = "cpt"
 
 
 @dataclass(frozen=True)
@@ -51,38 +51,32 @@ def training_args(cfg: CPTConfig, output_dir):
 
 def run(cfg: CPTConfig) -> dict:
     from datasets import Dataset
-    from peft import get_peft_model
     from trl import SFTTrainer
 
+    stage = TrainingStage(STAGE, cfg)
     if not cfg.enabled:
-        return pass_through("cpt", cfg, cfg.model)
-
-    set_seed(cfg.seed)
+        return stage.pass_through(cfg.model)
+    stage.seed()
     hint = "add a source of kind corpus to prepare.sources, or set cpt.enabled: false"
     train_texts = [r["text"] for r in require_rows(cfg.train_file, "cpt.train_file", hint)]
     eval_texts = [r["text"] for r in require_rows(cfg.eval_file, "cpt.eval_file", hint)]
     resolve_kernels(cfg.kernels)  # kernels this machine lacks stop the stage here, before anything is written
-    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
-    ckpt_dir, resume = prepare_checkpoints("cpt", fingerprint(cfg, inputs))
-    with stage_run("cpt", cfg, inputs=inputs):
+    with stage.run({"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}):
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
         ppl_before = perplexity(model, tokenizer, eval_texts, cfg.train.max_length)
 
-        apply_freeze(model, cfg.adapter)
-        if (pc := peft_config(cfg.adapter)) is not None:
-            model = get_peft_model(model, pc)
+        model = make_trainable(model, cfg.adapter)
         train_ds = Dataset.from_list([{"text": t} for t in train_texts])
-        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
+        trainer = SFTTrainer(model=model, args=training_args(cfg, stage.ckpt_dir), train_dataset=train_ds,
                              processing_class=tokenizer)
         set_loss_head(trainer, cfg.loss_head)
-        result = train_with_resume(trainer, resume)
+        result = stage.train(trainer)
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)
         metrics = {"perplexity_before": ppl_before, "perplexity_after": ppl_after, **result,
                    **trainable_share(trainer.model)}
-        finish("cpt", cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
-    return metrics
+        return stage.finish(metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
 
 
 if __name__ == "__main__":
-    run_stage("cpt", CPTConfig, run, launchable=True)
+    run_stage(STAGE, CPTConfig, run, launchable=True)

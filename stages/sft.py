@@ -14,13 +14,13 @@ from posttrain.attention import resolve as resolve_attention, set_attention
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
 from posttrain.files import require_rows
+from posttrain.harness import TrainingStage, make_trainable
 from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
 from posttrain.lm_head import set_loss_head
-from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish, pass_through
-from posttrain.runtime import set_seed
-from posttrain.tracking import stage_run
-from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.models import load_for_training, load_tokenizer, trainable_share
+from posttrain.training import trainer_args
+
+STAGE = "sft"
 
 
 @dataclass(frozen=True)
@@ -64,36 +64,30 @@ def training_args(cfg: SFTStageConfig, output_dir):
 
 
 def run(cfg: SFTStageConfig) -> dict:
-    from peft import get_peft_model
     from trl import SFTTrainer
 
+    stage = TrainingStage(STAGE, cfg)
     if not cfg.enabled:
-        return pass_through("sft", cfg, cfg.model)
-
-    set_seed(cfg.seed)
+        return stage.pass_through(cfg.model)
+    stage.seed()
     train_ds, eval_ds = _dataset(cfg.train_file, "sft.train_file"), _dataset(cfg.eval_file, "sft.eval_file")
     attention = resolve_attention(cfg.attention, cfg.packing)  # a kernel this machine lacks stops here, first
     resolve_kernels(cfg.kernels)  # likewise Liger's kernels where they cannot run
-    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
-    ckpt_dir, resume = prepare_checkpoints("sft", fingerprint(cfg, inputs))
-    with stage_run("sft", cfg, inputs=inputs):
+    with stage.run({"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}):
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
         set_attention(model, attention, cfg.packing)
-        apply_freeze(model, cfg.adapter)
-        if (pc := peft_config(cfg.adapter)) is not None:
-            model = get_peft_model(model, pc)
-        trainer = SFTTrainer(model=model, args=training_args(cfg, ckpt_dir), train_dataset=train_ds,
+        model = make_trainable(model, cfg.adapter)
+        trainer = SFTTrainer(model=model, args=training_args(cfg, stage.ckpt_dir), train_dataset=train_ds,
                              eval_dataset=eval_ds, processing_class=tokenizer)
         set_loss_head(trainer, cfg.loss_head)
         eval_loss_before = trainer.evaluate()["eval_loss"]
-        result = train_with_resume(trainer, resume)
+        result = stage.train(trainer)
         metrics = {**result, "eval_loss_before": eval_loss_before, "eval_loss": trainer.evaluate()["eval_loss"],
                    **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
-        finish("sft", cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
-    return metrics
+        return stage.finish(metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
 
 
 if __name__ == "__main__":
-    run_stage("sft", SFTStageConfig, run, launchable=True)
+    run_stage(STAGE, SFTStageConfig, run, launchable=True)
