@@ -8,7 +8,9 @@ Top-level keys (`seed`, `tracking`) reach a stage when its dataclass declares a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ PARAMS_FILE = "params.yaml"
 GLOBAL_KEYS = ("seed", "tracking")
 DEFAULTS_KEY = "defaults"  # shared blocks, merged under each stage's own (stage_section)
 SHARED_BLOCKS = ("adapter", "train", "decode")
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader where built: ~20x faster
 PROFILE_KEY, PROFILES_DIR = "profile", "profiles"  # params.yaml `profile: <name>` lays profiles/<name>.yaml over it
 
 
@@ -108,12 +111,44 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def _read_mapping(path: Path, what: str) -> dict:
+    """A YAML file's top-level mapping; any way it cannot be one is a ConfigError naming the file (and line)."""
     if not path.exists():
         raise ConfigError(f"{path}: no such {what}")
-    data = yaml.safe_load(path.read_text()) or {}
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected the {what} (a YAML file)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is valid UTF-8
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        raise ConfigError(f"{path} {_line_of(raw, start)}: not UTF-8 text (byte {raw[start]:#04x}); "
+                          f"save the {what} as UTF-8")
+    try:
+        data = yaml.load(text, Loader=YAML_LOADER)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}{_yaml_place(e)}: malformed YAML ({_yaml_problem(e)}); fix the {what}")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
+
+
+def _line_of(data: bytes, offset: int) -> str:
+    return "line %d" % (data[:offset].count(b"\n") + 1)
+
+
+def _yaml_place(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: Exception) -> str:
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(e).splitlines()[0]
 
 
 def overlaid(base: dict, over: dict) -> dict:
@@ -138,6 +173,8 @@ def stage_section(params: dict, stage: str, path: str | Path = PARAMS_FILE) -> d
         raise ConfigError(f"[{stage}] expected a mapping, got {type(section).__name__}")
     data = dict(section)
     shared = params.get(DEFAULTS_KEY) or {}
+    if not isinstance(shared, dict) or any(not isinstance(v, dict) for v in shared.values()):
+        raise ConfigError(f"[{DEFAULTS_KEY}] expected a mapping of blocks ({', '.join(SHARED_BLOCKS)}), each a mapping")
     unknown = sorted(set(shared) - set(SHARED_BLOCKS))
     if unknown:
         raise ConfigError(f"[{DEFAULTS_KEY}] unknown block(s): {', '.join(unknown)} "
@@ -179,7 +216,63 @@ def build(cls: type, data: Any, where: str):
     if missing:
         raise ConfigError(f"[{where}] missing key(s): {', '.join(missing)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _coerce(hints[name], data[name], f"{where}.{name}") for name in fields if name in data})
+    values = {name: _coerce(hints[name], data[name], f"{where}.{name}") for name in fields if name in data}
+    for name, value in values.items():
+        check_range(name, value, f"{where}.{name}")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------- value ranges, by field name
+# One table for every stage's config (a field's name says what it is, whichever dataclass declares it), so a value
+# outside its domain stops the stage at load, naming the key, before anything is read or written.
+
+AT_LEAST_1 = "at least 1"
+NON_NEGATIVE = ">= 0"
+POSITIVE = "> 0"
+UNIT = "in [0, 1]"
+RANGES: dict[str, str] = {
+    **dict.fromkeys(("learning_rate", "temperature"), POSITIVE),
+    **dict.fromkeys((
+        "max_steps", "batch_size", "eval_batch_size", "gen_batch_size", "grad_accum", "max_length", "max_new_tokens",
+        "max_completion_length", "reward_max_length", "logging_steps", "save_steps", "lora_r", "lora_alpha",
+        "num_virtual_tokens", "num_layers", "num_heads", "num_kv_heads", "hidden_size", "intermediate_size",
+        "max_position_embeddings", "vocab_size", "num_generations", "num_samples", "block_size", "speed_rounds",
+        "ngram", "min_tokens"), AT_LEAST_1),
+    **dict.fromkeys((
+        "seed", "weight_decay", "num_threads", "max_prompts", "max_eval", "max_per_suite", "max_eval_per_suite",
+        "freeze_train_top_k", "num_processes", "num_fewshot", "samples_per_suite", "speed_prompts", "check_new_tokens",
+        "min_reward_gap", "sft_weight", "replay", "verifiable_reward_weight", "center_rewards_coefficient", "beta",
+        "max_chars", "main_process_port"), NON_NEGATIVE),
+    **dict.fromkeys(("lora_dropout", "top_p"), UNIT),
+}
+UNIT_SUFFIXES = ("_share", "_fraction", "_ratio", "_prob", "_probability")  # shares and probabilities
+COUNT_PREFIX = "n_"  # sample.n_corpus_docs, ...: counts
+
+
+def rule_for(name: str) -> str | None:
+    if name in RANGES:
+        return RANGES[name]
+    if name.endswith(UNIT_SUFFIXES) or name == "probability":
+        return UNIT
+    if name.startswith(COUNT_PREFIX):
+        return NON_NEGATIVE
+    return None
+
+
+def check_range(name: str, value: Any, where: str) -> None:
+    """ConfigError naming `where` when a number is not finite or lies outside the domain its field name implies."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"[{where}] must be a finite number, got {value}; set a number in params.yaml")
+    rule = rule_for(name)
+    ok = {None: True, POSITIVE: value > 0, AT_LEAST_1: value >= 1, NON_NEGATIVE: value >= 0,
+          UNIT: 0 <= value <= 1}[rule]
+    if not ok:
+        raise ConfigError(f"[{where}] must be {rule}, got {value}; fix it in params.yaml (or the profile)")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # `1e-3`: a float in YAML 1.2, a string to PyYAML
 
 
 def _has_default(f: dataclasses.Field) -> bool:
@@ -209,6 +302,8 @@ def _coerce(tp: Any, value: Any, where: str):
             raise ConfigError(f"[{where}] expected a mapping, got {value!r}")
         return {k: _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         return float(value)
     if tp is Any:
         return value

@@ -41,7 +41,25 @@ def resolve(source: str, key: str = "base.source") -> Path:
         raise ConfigError(f"[{key}] {source!r}: expected a .gguf file")
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"[{key}] reading {path.name} needs the gguf package: pip install {GGUF_PIN}")
+    check_gguf(path, source, key)
     return path
+
+
+def check_gguf(path: Path, source: str, key: str = "base.source") -> None:
+    """A ConfigError naming `key` unless `path` is a whole GGUF file: its magic, header, metadata and every
+    tensor's data within the file (gguf's reader maps the file; nothing is dequantized here)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"[{key}] {source}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                          f"re-download it; {HINT}")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct/IndexError, OSError on a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"[{key}] {source}: truncated or corrupt GGUF file ({first}); re-download it") from None
 
 
 def _package_file(source: str, key: str) -> Path:

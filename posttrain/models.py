@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import AdapterConfig
+from posttrain.files import missing_input, producer
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
@@ -62,14 +63,14 @@ def is_passthrough(folder: str | Path) -> bool:
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local_path(str(path)))
+    return AutoTokenizer.from_pretrained(_existing(local_path(str(path))))
 
 
 def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = False, dtype=torch.float32):
     """Load a stage's model by local path or Hugging Face id; adapters are applied (and merged)."""
     from transformers import AutoModelForCausalLM
 
-    path = local_path(str(path))
+    path = _existing(local_path(str(path)))
     if not is_adapter_dir(path):
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -82,6 +83,14 @@ def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = F
     if merge and not model.peft_config["default"].is_prompt_learning:
         return model.merge_and_unload()
     return model
+
+
+def _existing(path: str) -> str:
+    """`path`, unless it is a pipeline output not made yet: then a MissingInput naming the stage that makes it
+    (transformers would read the missing folder as a hub id and fail with `Repo id must be in the form ...`)."""
+    if not Path(path).exists() and producer(path):
+        raise missing_input(path)
+    return path
 
 
 def base_of_adapter(adapter_dir: str | Path) -> str:

@@ -34,7 +34,9 @@ Canonical rows, by kind, and the layouts read into them (first match on the colu
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import io
 import json
 import math
 import re
@@ -45,7 +47,7 @@ from typing import Any, Callable, Iterable
 
 from posttrain.config import StageError
 from schemas import KINDS, ROW_CHECK_COLUMNS, SCHEMAS
-from schemas.checks import explain, message_list
+from schemas.checks import MAX_CHARS, char_limit, explain, message_list
 
 MAX_REPORTED = 20  # problems listed in one DataError message (all are kept on `.problems`)
 ANSWER_MARKER = "####"  # GSM8K: "rationale ...\n#### 42"
@@ -119,9 +121,14 @@ Records = list[tuple[int, dict]]  # [(row number, record)]
 Unreadable = list[tuple[Problem, Any]]  # rows that are no record (malformed JSON, not an object), with their raw text
 
 
-def read_records(path: str | Path) -> tuple[Records, str, Unreadable]:
-    """[(row number, record)], the row unit ("line" for JSONL, else "row") and the unreadable rows."""
+def read_records(path: str | Path, encoding: str = "utf-8") -> tuple[Records, str, Unreadable]:
+    """[(row number, record)], the row unit ("line" for JSONL, else "row") and the unreadable rows.
+
+    Text formats are decoded with `encoding` (a source's `encoding:` in prepare.sources); UTF-8 may start with a
+    byte-order mark, and CRLF or CR line ends read as LF."""
     p, name = Path(path), str(path)
+    if p.is_dir():
+        raise DataError([Problem(name, "is a folder, not a data file; name one file per source in prepare.sources")])
     if not p.is_file():
         raise DataError([Problem(name, "no such file")])
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
@@ -132,49 +139,64 @@ def read_records(path: str | Path) -> tuple[Records, str, Unreadable]:
         known = [*readers, *(f"{s}.gz" for s in readers if s != ".parquet")]
         shown = suffix + ".gz" if gzipped else suffix
         raise DataError([Problem(name, f"unknown file type {shown!r} (read: {', '.join(known)})")])
-    try:
-        records, unit, unreadable = readers[suffix](p, name)
-    except (OSError, EOFError, zlib.error) as e:  # a damaged or not-really-gzip .gz
-        if not gzipped:
-            raise
-        raise DataError([Problem(name, f"unreadable gzip file ({e})")])
+    if suffix == ".parquet":
+        records, unit, unreadable = _read_parquet(p, name)
+    else:
+        records, unit, unreadable = readers[suffix](_read_text(p, name, encoding, gzipped), name)
     if not records and not unreadable:
         raise DataError([Problem(name, "no rows")])
     return records, unit, unreadable
 
 
-def _open_text(p: Path):
-    return gzip.open(p, "rt", encoding="utf-8") if p.suffix.lower() == ".gz" else p.open(encoding="utf-8")
+def _read_text(p: Path, name: str, encoding: str, gzipped: bool) -> str:
+    """The file's text: gunzipped where it is .gz, decoded, universal newlines (as `open` reads text)."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError([Problem(name, f"unknown encoding {encoding!r}; set this source's `encoding:` in "
+                                       f"prepare.sources to a Python codec name (utf-8, latin-1, cp1252, utf-16)")])
+    raw = p.read_bytes()
+    if gzipped:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # a damaged, truncated or not-really-gzip .gz
+            raise DataError([Problem(name, f"unreadable gzip file ({e}); re-compress it or give the file unzipped")])
+    try:
+        text = raw.decode("utf-8-sig" if codec == "utf-8" else codec)  # a UTF-8 byte-order mark is no data
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError([Problem(name, f"not {encoding} text (byte {raw[e.start]:#04x} at byte column {column}); "
+                                       f"set this source's `encoding:` in prepare.sources (e.g. encoding: latin-1) "
+                                       f"or save the file as UTF-8", line, unit="line", check="encoding")])
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_jsonl(p: Path, name: str) -> tuple[Records, str, Unreadable]:
+def _read_jsonl(text: str, name: str) -> tuple[Records, str, Unreadable]:
     records, unreadable = [], []
-    with _open_text(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                unreadable.append((Problem(name, f"malformed JSON ({e.msg} at column {e.pos + 1})", lineno,
-                                           unit="line", check="json"), line.rstrip("\n")))
-                continue
-            if not isinstance(rec, dict):
-                unreadable.append((Problem(name, f"expected a JSON object, got {type(rec).__name__}", lineno,
-                                           unit="line", check="json_object"), rec))
-                continue
-            records.append((lineno, rec))
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            unreadable.append((Problem(name, f"malformed JSON ({e.msg} at column {e.pos + 1})", lineno,
+                                       unit="line", check="json"), line.rstrip("\n")))
+            continue
+        if not isinstance(rec, dict):
+            unreadable.append((Problem(name, f"expected a JSON object, got {type(rec).__name__}", lineno,
+                                       unit="line", check="json_object"), rec))
+            continue
+        records.append((lineno, rec))
     return records, "line", unreadable
 
 
-def _read_json(p: Path, name: str) -> tuple[Records, str, Unreadable]:
-    with _open_text(p) as f:
-        text = f.read()
+def _read_json(text: str, name: str) -> tuple[Records, str, Unreadable]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line in a .json file
-            return _read_jsonl(p, name)
+            return _read_jsonl(text, name)
         raise DataError([Problem(name, f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})")])
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -197,16 +219,15 @@ def _read_parquet(p: Path, name: str) -> tuple[Records, str, Unreadable]:
     return list(enumerate(rows, 1)), "row", []
 
 
-def _read_csv(p: Path, name: str) -> tuple[Records, str, Unreadable]:
+def _read_csv(text: str, name: str) -> tuple[Records, str, Unreadable]:
     import pandas as pd
 
-    try:  # every cell a string; an empty cell stays '' so the schema can say so
-        with _open_text(p) as f:
-            df = pd.read_csv(f, dtype=str, keep_default_na=False)
+    try:  # every cell a string; an empty cell stays '' so the schema can say so; quoted cells may span lines
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         return [], "row", []
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError([Problem(name, f"unreadable CSV ({e})")])
+    except (pd.errors.ParserError, ValueError) as e:
+        raise DataError([Problem(name, f"unreadable CSV ({str(e).strip()}); check its quoting and column count")])
     return list(enumerate(df.to_dict("records"), 1)), "row", []
 
 
@@ -500,18 +521,29 @@ def detect_layout(kind: str, columns: list[str], path: str) -> Layout:
 # ---------------------------------------------------------------- validation
 
 
-def validate_frame(df, kind: str, path: str, unit: str = "row", origin: dict | None = None) -> list[Problem]:
-    """Validate a canonical DataFrame (index = row numbers) against the kind's schema, lazily."""
+def validate_frame(df, kind: str, path: str, unit: str = "row", origin: dict | None = None,
+                   max_chars: int | None = None) -> list[Problem]:
+    """Validate a canonical DataFrame (index = row numbers) against the kind's schema, lazily.
+
+    `max_chars` (prepare.max_chars) bounds every string and message; when it is given, a too-long one is reported
+    with its length and the limit (else the schemas' default limit applies and the value is shown)."""
     import pandera.pandas as pa
 
-    try:
-        SCHEMAS[kind].validate(df, lazy=True)
-    except pa.errors.SchemaErrors as e:
-        return _problems(e.failure_cases, path, unit, origin or {})
+    with char_limit(max_chars) as limit:
+        try:
+            SCHEMAS[kind].validate(df, lazy=True)
+        except pa.errors.SchemaErrors as e:
+            return _problems(e.failure_cases, path, unit, origin or {}, limit if max_chars is not None else None)
     return []
 
 
-def _problems(cases, path: str, unit: str, origin: dict[str, str]) -> list[Problem]:
+def _too_long(value: Any, limit: int) -> str:
+    longest = len(value) if isinstance(value, str) else max(len(m["content"]) for m in value)
+    return (f"{longest} chars, more than the limit of {limit} (prepare.max_chars in params.yaml): shorten the row, "
+            f"raise the limit, or set on_bad_rows: drop to leave such rows out")
+
+
+def _problems(cases, path: str, unit: str, origin: dict[str, str], limit: int | None = None) -> list[Problem]:
     found: dict[tuple, Problem] = {}
     for case in cases.to_dict("records"):
         check, column, value, index = str(case["check"]), case["column"], case["failure_case"], case["index"]
@@ -528,6 +560,8 @@ def _problems(cases, path: str, unit: str, origin: dict[str, str]) -> list[Probl
                     continue
                 column = ", ".join(ROW_CHECK_COLUMNS[check])
             why = "missing value" if check == "not_nullable" else explain(check, value)
+            if limit is not None and check in ("max_chars", "messages_max_chars"):
+                why = _too_long(value, limit)
             message = failed(check, value, why)
         key = (row if row is not None else -1, str(column), check)
         found.setdefault(key, Problem(path, message, row, column, origin.get(column), unit, check))
@@ -573,7 +607,9 @@ def _by_place(p: Problem) -> tuple:
 
 
 def read_source(path: str | Path, kind: str, columns: dict[str, str] | None = None, on_bad_rows: str = "stop",
-                max_bad_share: float = 0.0) -> Table:
+                max_bad_share: float = 0.0, encoding: str = "utf-8", max_chars: int | None = None) -> Table:
+    """One source read as `kind`. `encoding` decodes its text (UTF-8, with or without a byte-order mark, by
+    default); `max_chars` (prepare.max_chars) is the longest string or message a row may hold."""
     import pandas as pd
 
     if kind not in KINDS:
@@ -581,7 +617,7 @@ def read_source(path: str | Path, kind: str, columns: dict[str, str] | None = No
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"unknown on_bad_rows {on_bad_rows!r} (known: {', '.join(ON_BAD_ROWS)})")
     path = str(path)
-    records, unit, unreadable = read_records(path)
+    records, unit, unreadable = read_records(path, encoding)
     if unreadable and (on_bad_rows == "stop" or not records):  # nothing readable: no layout to detect
         raise DataError([p for p, _ in unreadable])
     raw = {**{p.row: text for p, text in unreadable}, **dict(records)}  # as read, for the rejects file
@@ -602,7 +638,8 @@ def read_source(path: str | Path, kind: str, columns: dict[str, str] | None = No
     if rows:
         df = pd.DataFrame([[r[c] for c in schema_columns] for r in rows], columns=schema_columns,
                           index=[r["_row"] for r in rows], dtype=object)
-        problems += validate_frame(df, kind, path, unit, {**renamed, **layout.origin})
+        problems += validate_frame(df, kind, path, unit, {**renamed, **layout.origin},
+                                   max_chars if max_chars is not None else MAX_CHARS)
     problems.sort(key=_by_place)
     if problems and (on_bad_rows == "stop" or any(p.row is None for p in problems)):  # no row: nothing to drop
         raise DataError(problems)
@@ -619,12 +656,20 @@ def read_source(path: str | Path, kind: str, columns: dict[str, str] | None = No
     return Table(path, kind, layout.name, kept, rejects, total)
 
 
-def read_sources(sources: Iterable[tuple], on_bad_rows: str = "stop", max_bad_share: float = 0.0) -> list[Table]:
-    """Read and validate every (path, kind) or (path, kind, columns); one DataError with the problems of all."""
+def read_sources(sources: Iterable, on_bad_rows: str = "stop", max_bad_share: float = 0.0,
+                 max_chars: int | None = None) -> list[Table]:
+    """Read and validate every source: a (path, kind[, columns[, encoding]]) tuple, or an object with those
+    attributes (prepare's SourceConfig; `columns` and `encoding` optional). One DataError with the problems of all."""
     tables, problems = [], []
     for source in sources:
+        if isinstance(source, (tuple, list)):
+            path, kind, columns, encoding = (*source, None, None)[:4]
+        else:
+            path, kind = source.path, source.kind
+            columns, encoding = getattr(source, "columns", None), getattr(source, "encoding", None)
         try:
-            tables.append(read_source(*source, on_bad_rows=on_bad_rows, max_bad_share=max_bad_share))
+            tables.append(read_source(path, kind, columns, on_bad_rows=on_bad_rows, max_bad_share=max_bad_share,
+                                      encoding=encoding or "utf-8", max_chars=max_chars))
         except DataError as e:
             problems += e.problems
     if problems:

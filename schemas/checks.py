@@ -6,9 +6,11 @@ type (returns True): the column's dtype check, or `message_list`, reports those 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
-MAX_CHARS = 100_000  # any one string: a corpus document, a message, a response
+MAX_CHARS = 100_000  # any one string: a corpus document, a message, a response (default of prepare.max_chars)
+_LIMIT = [MAX_CHARS]  # the limit the checks apply now (char_limit sets it for one validation)
 ROLES = ("system", "user", "assistant")
 
 
@@ -16,8 +18,19 @@ def non_empty(x: Any) -> bool:
     return not isinstance(x, str) or bool(x.strip())
 
 
+@contextlib.contextmanager
+def char_limit(limit: int | None) -> Iterator[int]:
+    """Apply `limit` (None: MAX_CHARS) as max_chars / messages_max_chars while the block validates."""
+    old = _LIMIT[0]
+    _LIMIT[0] = MAX_CHARS if limit is None else limit
+    try:
+        yield _LIMIT[0]
+    finally:
+        _LIMIT[0] = old
+
+
 def max_chars(x: Any) -> bool:
-    return not isinstance(x, str) or len(x) <= MAX_CHARS
+    return not isinstance(x, str) or len(x) <= _LIMIT[0]
 
 
 # ---------------------------------------------------------------- message lists [{"role", "content"}]
@@ -41,7 +54,7 @@ def non_empty_content(x: Any) -> bool:
 
 
 def messages_max_chars(x: Any) -> bool:
-    return not message_list(x) or all(len(m["content"]) <= MAX_CHARS for m in x)
+    return not message_list(x) or all(len(m["content"]) <= _LIMIT[0] for m in x)
 
 
 def has_user(x: Any) -> bool:
@@ -68,5 +81,5 @@ def explain(check: str, value: Any) -> str | None:
         return f"last message is from {value[-1]['role']!r}"
     if check == "messages_max_chars":
         longest = max(len(m["content"]) for m in value)
-        return f"a message has {longest} chars (max {MAX_CHARS})"
+        return f"a message has {longest} chars (max {_LIMIT[0]})"
     return None

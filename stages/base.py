@@ -10,12 +10,13 @@ generation config that stops at the tokenizer's eos, so every later stage loads 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.cli import run_stage
-from posttrain.config import TrackingConfig
-from posttrain.files import atomic_dir, digest, write_json
+from posttrain.config import ConfigError, TrackingConfig
+from posttrain.files import atomic_dir, check_model_folder, digest, missing_input, write_json
 from posttrain.from_gguf import is_gguf_source, load_gguf, resolve
 from posttrain.runtime import set_seed
 from posttrain.tiny import CHAT_TEMPLATE, TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
@@ -33,13 +34,57 @@ class BaseConfig:
     out_dir: str
 
 
+KEY = "base.source"
+SOURCES = ("`tiny`, a model folder (config.json, *.safetensors, tokenizer), a Hugging Face id, "
+           "or a .gguf file (a path or pkg:<package>/<file>.gguf)")
+
+
+def check_source(source: str) -> None:
+    """A ConfigError naming base.source unless `source` (a local path or hub id) can be loaded: checked before
+    anything is written, so a missing folder, one without weights or tokenizer, or a damaged safetensors file
+    stops the stage with what to do instead of a loader's traceback."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise ConfigError(f"[{KEY}] {source}: a file; expected {SOURCES}")
+    if path.is_dir():
+        check_model_folder(path, KEY)
+        return
+    if _looks_local(source) or not _valid_repo_id(source):
+        raise ConfigError(f"[{KEY}] {source}: no such folder; expected {SOURCES}")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise ConfigError(f"[{KEY}] {source}: no such folder, and no Hugging Face model of that id in the local "
+                              f"cache (downloads are off: HF_HUB_OFFLINE=1); give a local folder, or run with "
+                              f"HF_HUB_OFFLINE=0 to download it")
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+
+
+def _valid_repo_id(source: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
 def load_pretrained(cfg: BaseConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.source, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.source, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError) as e:  # what the checks cannot see: an unknown architecture, a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"[{KEY}] {cfg.source}: cannot be loaded ({first}); expected {SOURCES}") from e
     return chat_ready(model, tokenizer)
 
 
@@ -70,9 +115,15 @@ def run(cfg: BaseConfig) -> dict:
     set_seed(cfg.seed)
     gguf = resolve(cfg.source) if is_gguf_source(cfg.source) else None  # a missing file stops before any output
     if cfg.source == "tiny":
+        for f in cfg.tokenizer.train_files:  # likewise the data the tokenizer is trained on (prepare makes it)
+            if not Path(f).is_file():
+                raise missing_input(f, "base.tokenizer.train_files")
         inputs = {Path(f).stem: f for f in cfg.tokenizer.train_files}
+    elif not gguf:
+        check_source(cfg.source)
+        inputs = {}
     else:
-        inputs = {"gguf": gguf} if gguf else {}
+        inputs = {"gguf": gguf}
     with stage_run("base", cfg, inputs=inputs):
         if cfg.source == "tiny":
             tokenizer = train_tokenizer(cfg.tokenizer)

@@ -283,9 +283,9 @@ def test_drop_leaves_bad_rows_out_and_keeps_where_and_why(tmp_path):
                        "error": f"{path} line 9, column 'text': check 'non_empty' failed (value '')"}]},
         {"file": str(path), "row": 10, "unit": "line", "raw": '{"text": 3',
          "problems": [{"column": None, "check": "json",
-                       "error": f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 12)"}]},
+                       "error": f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 11)"}]},
     ]
-    assert error(path, "corpus") == f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 12)"
+    assert error(path, "corpus") == f"{path} line 10: malformed JSON (Expecting ',' delimiter at column 11)"
 
 
 def test_drop_stops_when_a_source_has_more_bad_rows_than_max_bad_share(tmp_path):
