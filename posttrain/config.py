@@ -237,12 +237,12 @@ RANGES: dict[str, str] = {
         "max_completion_length", "reward_max_length", "logging_steps", "save_steps", "lora_r", "lora_alpha",
         "num_virtual_tokens", "num_layers", "num_heads", "num_kv_heads", "hidden_size", "intermediate_size",
         "max_position_embeddings", "vocab_size", "num_generations", "num_samples", "block_size", "speed_rounds",
-        "ngram", "min_tokens"), AT_LEAST_1),
+        "ngram", "min_tokens", "max_chars"), AT_LEAST_1),
     **dict.fromkeys((
         "seed", "weight_decay", "num_threads", "max_prompts", "max_eval", "max_per_suite", "max_eval_per_suite",
         "freeze_train_top_k", "num_processes", "num_fewshot", "samples_per_suite", "speed_prompts", "check_new_tokens",
         "min_reward_gap", "sft_weight", "replay", "verifiable_reward_weight", "center_rewards_coefficient", "beta",
-        "max_chars", "main_process_port"), NON_NEGATIVE),
+        "main_process_port"), NON_NEGATIVE),
     **dict.fromkeys(("lora_dropout", "top_p"), UNIT),
 }
 UNIT_SUFFIXES = ("_share", "_fraction", "_ratio", "_prob", "_probability")  # shares and probabilities

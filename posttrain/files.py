@@ -198,6 +198,8 @@ def git_commit() -> str:
 def require_rows(path: str | Path, key: str, hint: str) -> list[dict]:
     """The rows of a JSONL input; a missing or empty file is a ConfigError naming the params key and what to do
     (a stage with no data stops before anything is written, never with a traceback)."""
+    if Path(path).is_dir():
+        raise ConfigError(f"[{key}] {path} is a folder: set {key} to a .jsonl file")
     if not Path(path).is_file():
         made = producer(path)
         hint = f"run `python -m stages.{made}` first, or {hint}" if made and not Path(path).exists() else hint
