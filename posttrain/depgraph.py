@@ -109,7 +109,8 @@ def expected(root: Path, dvc_text: str) -> dict[str, list[str]]:
 
 
 def _is_code(dep: str) -> bool:
-    return dep.endswith(".py") or dep.split("/")[0] in PACKAGES
+    """A module or package folder of the repository; a package's data file (posttrain/templates/*.md) is a data dep."""
+    return dep.endswith(".py") or (dep.split("/")[0] in PACKAGES and "." not in dep.rsplit("/", 1)[-1])
 
 
 def differences(root: Path, dvc_text: str) -> list[str]:

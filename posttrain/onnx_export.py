@@ -18,11 +18,14 @@ optimum's `ORTModelForCausalLM` (the `text-generation-with-past` task) is not us
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 from pathlib import Path
 
 import torch
+
+from posttrain.registry import ExportError
 
 ONNX_FILE = "model.onnx"  # with model.onnx.data (the weights), export.json (the trace's metadata), config.json
 _CACHE_INPUT = re.compile(r"^input\.past_key_values\.layers\.(\d+)\.(keys|values)$")
@@ -185,3 +188,42 @@ def greedy_agreement(model, onnx_model: OnnxCausalLM, tokenizer, prompts: list[s
     real = mask.bool()  # padded positions' logits are not used by anything
     diff = (ref - got).abs()[real].max().item()
     return {"prompts": len(prompts), "equal": sum(a and b for a, b in zip(alone, batched)), "max_logit_diff": diff}
+
+
+# ---------------------------------------------------------------- the export stage's ONNX copy
+
+
+def check_onnx_config(onnx) -> None:
+    """export.onnx's settings, checked before anything is written."""
+    d = Path(onnx.dir)
+    if d.is_absolute() or ".." in d.parts or d.parts in ((), (".",)):
+        raise ExportError(f"export.onnx.dir '{onnx.dir}' must be a folder name inside export.out_dir")
+    if len(onnx.check_prompts) < 2:
+        raise ExportError("export.onnx.check_prompts needs at least 2 prompts: they are the trace's sample batch, "
+                          "and a batch of 1 would fix the graph's batch to 1")
+    if onnx.check_new_tokens < 1:
+        raise ExportError(f"export.onnx.check_new_tokens must be at least 1, got {onnx.check_new_tokens}")
+    missing = [p for p in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ExportError(f"export.onnx.enabled needs {', '.join(missing)}: pip install -e . (pyproject pins them)")
+
+
+def write_onnx(o, source: str, out_dir: str, folder: Path, model, tokenizer) -> dict:
+    """Trace the merged folder just written into `folder/onnx.dir` and check onnxruntime's greedy tokens against
+    torch's; the metrics, or an ExportError (the caller's atomic folder is then thrown away)."""
+    try:
+        info = export_onnx(folder, folder / o.dir, o.check_prompts, opset=o.opset, optimize=o.optimize)
+        onnx_model = OnnxCausalLM(folder / o.dir, num_threads=torch.get_num_threads())
+        check = greedy_agreement(model, onnx_model, tokenizer, o.check_prompts, o.check_new_tokens)
+    except Exception as e:
+        raise ExportError(f"export.onnx: exporting {source} to ONNX failed, nothing was written "
+                          f"(export.onnx.enabled: false exports without it): {type(e).__name__}: {e}") from e
+    n, k = check["prompts"], check["equal"]
+    if o.require_equal and k < n:
+        raise ExportError(f"export.onnx: onnxruntime's greedy tokens differ from torch's on {n - k} of {n} "
+                          f"export.onnx.check_prompts (largest logit difference {check['max_logit_diff']:.2e}); "
+                          "nothing was written (export.onnx.require_equal: false ships it anyway)")
+    return {"onnx_dir": str(Path(out_dir) / o.dir), "onnx_opset": info["opset"],
+            "onnx_mb": round(info["bytes"] / 2**20, 3), "onnx_export_s": round(info["seconds"], 1),
+            "onnx_greedy_equal": k == n, "onnx_equal_prompts": k, "onnx_check_prompts": n,
+            "onnx_max_logit_diff": check["max_logit_diff"]}

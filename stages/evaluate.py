@@ -59,6 +59,8 @@ class EvaluateConfig:
     num_threads: int
     samples_per_suite: int  # generations shown in the report
     report: str
+    items: str  # every model's per-item outcomes (pass/fail per suite item, win/tie/loss per judged prompt): the
+    #             paired tests of export's promotion gate (posttrain.gate) read them
     plot: str
     reward_model: str  # judges every model's answers to the held-out preference prompts
     reward_max_length: int  # the judge reads the last this many tokens of prompt + answer
@@ -248,6 +250,9 @@ def run(cfg: EvaluateConfig) -> dict:
         paired = (*PAIRED, *cfg.benchmarks, *(["win_rate"] if judge is not None else []))
         write_report(cfg.report, table, samples, cfg.reference, judged, cols, paired)
         write_plot(cfg.plot, table, cols)
+        write_json(cfg.items, {name: {**{m: [int(f) for f in fl] for m, fl in flags[name].items()},
+                                      **({"win_rate": judge.outcomes[name]} if judge is not None else {})}
+                               for name in table})
         import mlflow
 
         mlflow.log_artifact(cfg.report)

@@ -94,6 +94,34 @@ def run_stage(name: str, workdir: Path):
         os.chdir(old)
 
 
+def write_evaluation(workdir: Path, outcomes: dict[str, dict[str, list]], extra: dict[str, dict] | None = None) -> dict:
+    """metrics/evaluate.json and reports/evaluate_items.json as evaluate writes them, from per-item outcomes
+    ({model: {metric: [1, 0, ...], "win_rate": [1.0, 0.5, ...]}}) and scalar `extra` columns (perplexity, params)."""
+    import json
+
+    from posttrain.stats import rate
+
+    table = {}
+    for name, metrics in outcomes.items():
+        scalars = dict((extra or {}).get(name, {}))
+        params = scalars.pop("params", None)  # last, as in evaluate's table
+        rates = {m: rate([bool(f) for f in flags]) for m, flags in metrics.items() if m != "win_rate"}
+        row = {**scalars, **{m: r["value"] for m, r in rates.items()}}
+        if "win_rate" in metrics:
+            row["win_rate"] = sum(metrics["win_rate"]) / len(metrics["win_rate"])
+        table[name] = {**row, **({"params": params} if params is not None else {}), "rates": rates}
+    (workdir / "metrics").mkdir(exist_ok=True)
+    (workdir / "reports").mkdir(exist_ok=True)
+    (workdir / "metrics/evaluate.json").write_text(json.dumps(table))
+    (workdir / "reports/evaluate_items.json").write_text(json.dumps(outcomes))
+    return table
+
+
+def flags(k: int, n: int) -> list[int]:
+    """k passes out of n items, first k."""
+    return [1] * k + [0] * (n - k)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     # Any stage a test runs logs to a store of its own, never the checkout's mlflow.db.

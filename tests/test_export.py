@@ -10,13 +10,20 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import flags, make_workdir, run_stage, tiny_params, write_evaluation
 
 NAME = "tiny-student"
-TABLE = {  # a small evaluate table (the evaluate stage itself is tested elsewhere)
-    "base": {"perplexity": 300.0, "instruction_em": 0.0, "cot_accuracy": 0.0, "params": 30000},
-    "sft": {"perplexity": 120.0, "instruction_em": 0.25, "cot_accuracy": 0.1, "params": 30000},
+N = 40
+OUTCOMES = {  # a small evaluation: per-item outcomes as evaluate writes them (the evaluate stage is tested elsewhere)
+    "base": {"instruction_em": flags(0, N), "cot_accuracy": flags(0, N), "refusal_rate": flags(0, N),
+             "over_refusal_rate": flags(0, N), "prefers_chosen": flags(20, N), "win_rate": [0.0] * N},
+    "cpt": {"instruction_em": flags(9, N), "cot_accuracy": flags(5, N), "refusal_rate": flags(36, N),
+            "over_refusal_rate": flags(0, N), "prefers_chosen": flags(24, N), "win_rate": [0.5] * N},
+    "sft": {"instruction_em": flags(10, N), "cot_accuracy": flags(4, N), "refusal_rate": flags(36, N),
+            "over_refusal_rate": flags(0, N), "prefers_chosen": flags(24, N), "win_rate": [0.5] * N},
 }
+EXTRA = {"base": {"perplexity": 300.0, "params": 30000}, "cpt": {"perplexity": 110.0, "params": 30000},
+         "sft": {"perplexity": 120.0, "params": 30000}}
 LOCK = {"schema": "2.0", "stages": {
     "sft": {"cmd": "python -m stages.sft", "outs": [{"path": "models/sft", "md5": "abc123.dir"}]},
     "export": {"cmd": "python -m stages.export", "outs": [{"path": "models/export", "md5": "old.dir"}]},
@@ -36,8 +43,7 @@ def exported(lifecycle, tmp_path_factory):
     make_workdir(wd, export_params())
     for name in ("data", "models"):
         shutil.copytree(lifecycle["workdir"] / name, wd / name, dirs_exist_ok=True)
-    (wd / "metrics").mkdir()
-    (wd / "metrics/evaluate.json").write_text(json.dumps(TABLE))
+    write_evaluation(wd, OUTCOMES, EXTRA)
     (wd / "dvc.lock").write_text(yaml.safe_dump(LOCK))
     uri = f"sqlite:///{wd}/mlflow.db"
     old = os.environ.get("MLFLOW_TRACKING_URI")
@@ -138,7 +144,7 @@ def test_generate_from_the_registry_matches_the_folder(exported, monkeypatch):
 
 
 def test_lineage_follows_teacher_and_model_links():
-    from stages.export import lineage
+    from posttrain.lineage import lineage
 
     params = {"base": {"source": "tiny", "out_dir": "models/base"},
               "sft": {"model": "models/base", "adapter": {"method": "lora"}, "out_dir": "models/sft"},
@@ -161,10 +167,66 @@ def test_bad_input_stops_and_writes_nothing(lifecycle, tmp_path, override, messa
 
     wd = make_workdir(tmp_path / "wd", export_params(**override))
     shutil.copytree(lifecycle["workdir"] / "models", wd / "models", dirs_exist_ok=True)
-    (wd / "metrics").mkdir()
-    (wd / "metrics/evaluate.json").write_text(json.dumps(TABLE))
+    write_evaluation(wd, OUTCOMES, EXTRA)
     with pytest.raises(ExportError, match=message):
         run_stage("export", wd)
     assert not (wd / "models/export").exists() and not (wd / "metrics/export.json").exists()
     uri = os.environ["MLFLOW_TRACKING_URI"]  # this test's own store
     assert mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models() == []
+
+
+def gate_workdir(exported, tmp_path, monkeypatch, **export_overrides):
+    """A copy of the exported workdir (models, the registry with versions 1-2) with export.* overridden."""
+    wd = tmp_path / "gate"
+    shutil.copytree(exported["workdir"], wd)
+    params = yaml.safe_load((wd / "params.yaml").read_text())
+    params["export"].update(export_overrides)
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{wd}/mlflow.db")
+    return wd
+
+
+def test_a_model_that_fails_the_gate_is_not_promoted(exported, tmp_path, monkeypatch):
+    import mlflow
+
+    from stages.export import ExportError
+
+    wd = gate_workdir(exported, tmp_path, monkeypatch, model="models/base")  # 0 on every rate: worse than sft
+    shutil.rmtree(wd / "models/export")
+    with pytest.raises(ExportError, match=r"no model passed the promotion gate, nothing promoted \(alias candidate "
+                                          r"stays at version 2\): base: instruction_em 0.000 vs sft: -0.250, p=.*"
+                                          r"significantly worse"):
+        run_stage("export", wd)
+    assert not (wd / "models/export").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{wd}/mlflow.db", registry_uri=f"sqlite:///{wd}/mlflow.db")
+    assert int(client.get_model_version_by_alias(NAME, "candidate").version) == 2
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2  # no new version
+    metrics = json.loads((wd / "metrics/export.json").read_text())
+    assert metrics["promoted"] is False and metrics["alias_version"] == 2
+    failed = metrics["gate"]["models"]["base"]["failed"]
+    assert any(f.startswith("refusal_rate 0.000 vs sft: -0.900") for f in failed)
+    assert not any(f.startswith("cot_accuracy") for f in failed)  # 0/40 against 4/40: p = 0.125, within noise
+    assert any("refusal_rate 0.000 (needs >= 0.8)" == f for f in failed)
+    report = (wd / "reports/export.md").read_text()
+    assert "Shipped: **none**" in report and "| base | no |" in report
+    run = client.search_runs([client.get_experiment_by_name("lifecycle").experiment_id],
+                             filter_string="tags.dvc_stage = 'export'", order_by=["start_time DESC"])[0]
+    assert run.info.status == "FAILED" and run.data.tags["promoted"] == "false"
+    assert "significantly worse" in run.data.tags["gate.base"] and run.data.metrics["gate.base.passed"] == 0
+
+
+def test_auto_ships_the_best_model_that_passes(exported, tmp_path, monkeypatch):
+    import mlflow
+
+    gate = {"reference": "sft", "alpha": 0.05, "primary": "cot_accuracy", "candidates": ["base", "cpt", "sft"],
+            "rules": [{"metric": "instruction_em", "test": "not_worse"}, {"metric": "cot_accuracy", "test": "not_worse"},
+                      {"metric": "refusal_rate", "test": "at_least", "value": 0.8}]}
+    wd = gate_workdir(exported, tmp_path, monkeypatch, model="auto", gate=gate)
+    metrics = run_stage("export", wd)
+    # base fails (significantly worse); cpt and sft pass, and cpt's CoT accuracy 5/40 beats sft's 4/40
+    assert metrics["promoted"] is True and metrics["model"] == "cpt" and metrics["source"] == "models/cpt"
+    assert metrics["version"] == 3 and [m["passed"] for m in metrics["gate"]["models"].values()] == [False, True, True]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{wd}/mlflow.db", registry_uri=f"sqlite:///{wd}/mlflow.db")
+    assert int(client.get_model_version_by_alias(NAME, "candidate").version) == 3
+    card = (wd / "models/export/README.md").read_text()
+    assert "| **cpt** (this model) |" in card and "Shipped: **cpt**" in card

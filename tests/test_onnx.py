@@ -11,10 +11,11 @@ import os
 import shutil
 
 import pytest
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import flags, make_workdir, run_stage, tiny_params, write_evaluation
 
 NAME = "tiny-onnx"
-TABLE = {"sft": {"perplexity": 120.0, "instruction_em": 0.25, "cot_accuracy": 0.1, "params": 30000}}
+SFT = {"instruction_em": flags(5, 20), "cot_accuracy": flags(2, 20), "refusal_rate": flags(18, 20),
+       "over_refusal_rate": flags(0, 20), "prefers_chosen": flags(12, 20), "win_rate": [0.5] * 20}
 PROMPTS = [  # not the stage's check_prompts: an independent check of the folder it wrote
     "Reverse the words.\n\nred green blue",
     "What is 4 plus 5?",
@@ -33,8 +34,7 @@ def workdir(lifecycle, path, params: dict):
     wd = make_workdir(path, params)
     shutil.copytree(lifecycle["workdir"] / "data", wd / "data", dirs_exist_ok=True)  # make_workdir holds data/feedback
     shutil.copytree(lifecycle["workdir"] / "models", wd / "models", dirs_exist_ok=True)
-    (wd / "metrics").mkdir()
-    (wd / "metrics/evaluate.json").write_text(json.dumps(TABLE))
+    write_evaluation(wd, {"sft": SFT}, {"sft": {"perplexity": 120.0, "params": 30000}})
     return wd
 
 
