@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.models import apply_freeze, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish, pass_through
+from posttrain.harness import TrainingStage, make_trainable
+from posttrain.models import load_tokenizer, trainable_share
 from posttrain.reward_model import pairwise, preference_rows, sequence_classifier, trl_pairs
-from posttrain.runtime import set_seed
-from posttrain.tracking import stage_run
-from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.training import trainer_args
 
 
 @dataclass(frozen=True)
@@ -36,36 +34,29 @@ class RewardTrainingConfig:
     out_dir: str
 
 
-def train_reward_model(stage: str, cfg: RewardTrainingConfig) -> dict:
-    """Train (or, switched off, pass on nothing) the reward model of stage `stage`; its metrics."""
-    from peft import get_peft_model
+def train_reward_model(name: str, cfg: RewardTrainingConfig) -> dict:
+    """Train (or, switched off, pass on nothing) the reward model of stage `name`; its metrics."""
     from trl import RewardConfig, RewardTrainer
 
+    stage = TrainingStage(name, cfg)
     if not cfg.enabled:
-        return pass_through(stage, cfg, None)
-
-    set_seed(cfg.seed)
+        return stage.pass_through(None)
+    stage.seed()
     train_rows, eval_rows = preference_rows(cfg.train_file), preference_rows(cfg.eval_file)
-    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
-    ckpt_dir, resume = prepare_checkpoints(stage, fingerprint(cfg, inputs))
-    with stage_run(stage, cfg, inputs=inputs):
+    with stage.run({"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}):
         tokenizer = load_tokenizer(cfg.model)
         model = sequence_classifier(cfg.model, quantize=cfg.adapter.method == "qlora")
         before = pairwise(model, tokenizer, eval_rows, cfg.eval_batch_size, cfg.train.max_length)
-        apply_freeze(model, cfg.adapter)
-        if cfg.adapter.method == "freeze":
-            model.score.weight.requires_grad = True  # the new head always trains
-        if (pc := peft_config(cfg.adapter, task_type="SEQ_CLS")) is not None:
-            pc.modules_to_save = ["score"]  # the head is new: train it and save it with the adapter
-            model = get_peft_model(model, pc)
+        # the score head is new: it always trains, and a PEFT run saves it with the adapter
+        model = make_trainable(model, cfg.adapter, task_type="SEQ_CLS", head="score")
         args = trainer_args(
-            RewardConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+            RewardConfig, cfg.train, stage.ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
             center_rewards_coefficient=cfg.center_rewards_coefficient or None,
             per_device_eval_batch_size=cfg.eval_batch_size,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=trl_pairs(train_rows),
                                 processing_class=tokenizer)
-        result = train_with_resume(trainer, resume)
+        result = stage.train(trainer)
         # scored like `before` and like a reload of the saved model: without the trainer's mixed-precision wrapper
         after = pairwise(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), tokenizer,
                          eval_rows, cfg.eval_batch_size, cfg.train.max_length)
@@ -73,5 +64,4 @@ def train_reward_model(stage: str, cfg: RewardTrainingConfig) -> dict:
                    "eval_accuracy_before": before["accuracy"], "eval_margin_before": before["margin"],
                    "eval_pairs": len(eval_rows), **result, **trainable_share(trainer.model),
                    "method": cfg.adapter.method}
-        finish(stage, cfg, metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
-    return metrics
+        return stage.finish(metrics, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)

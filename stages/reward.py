@@ -6,10 +6,12 @@ from __future__ import annotations
 from posttrain.cli import run_stage
 from posttrain.reward_training import RewardTrainingConfig, train_reward_model
 
+STAGE = "reward"
+
 
 def run(cfg: RewardTrainingConfig) -> dict:
-    return train_reward_model("reward", cfg)
+    return train_reward_model(STAGE, cfg)
 
 
 if __name__ == "__main__":
-    run_stage("reward", RewardTrainingConfig, run, launchable=True)
+    run_stage(STAGE, RewardTrainingConfig, run, launchable=True)

@@ -19,12 +19,12 @@ from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainCo
 from posttrain.decoding import DecodeConfig
 from posttrain.distributed import split_work
 from posttrain.files import read_jsonl
-from posttrain.models import apply_freeze, load_for_training, load_tokenizer, peft_config, trainable_share
-from posttrain.outputs import finish, pass_through
-from posttrain.runtime import set_seed
+from posttrain.harness import TrainingStage, make_trainable
+from posttrain.models import load_for_training, load_tokenizer, trainable_share
 from posttrain.scoring import final_answer, generate, sample
-from posttrain.tracking import stage_run
-from posttrain.training import fingerprint, prepare_checkpoints, train_with_resume, trainer_args
+from posttrain.training import trainer_args
+
+STAGE = "rft"
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,15 @@ def replayed(cfg: RFTConfig, kept: int) -> list[dict]:
 
 def run(cfg: RFTConfig) -> dict:
     from datasets import Dataset
-    from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
+    stage = TrainingStage(STAGE, cfg)
     if not cfg.enabled:
-        return pass_through("rft", cfg, cfg.model)
-
-    set_seed(cfg.seed)
+        return stage.pass_through(cfg.model)
+    stage.seed()
     prompts = checkable(cfg.train_file, cfg.max_prompts)
     held_out = read_jsonl(cfg.eval_file)[: cfg.max_eval]
-    inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
-    ckpt_dir, resume = prepare_checkpoints("rft", fingerprint(cfg, inputs))
-    with stage_run("rft", cfg, inputs=inputs):
+    with stage.run({"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}):
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
         acc_before = accuracy(model, tokenizer, held_out, cfg)
@@ -124,25 +121,22 @@ def run(cfg: RFTConfig) -> dict:
                    "accuracy_before": acc_before, "trained": bool(kept), "method": cfg.adapter.method}
         trainer = None
         if kept:
-            apply_freeze(model, cfg.adapter)
-            if (pc := peft_config(cfg.adapter)) is not None:
-                model = get_peft_model(model, pc)
-            args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+            model = make_trainable(model, cfg.adapter)
+            args = trainer_args(SFTConfig, cfg.train, stage.ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
                                 completion_only_loss=True)
             rows = kept + replayed(cfg, len(kept))
             metrics["replayed"] = len(rows) - len(kept)
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer)
-            metrics.update(train_with_resume(trainer, resume), **trainable_share(trainer.model))
+            metrics.update(stage.train(trainer), **trainable_share(trainer.model))
             model = trainer.model
         else:
             print(f"[rft] no sampled completion of {len(prompts)} prompts was right: {cfg.out_dir} is "
                   f"{cfg.model} unchanged", flush=True)
         metrics["accuracy_after"] = accuracy(model, tokenizer, held_out, cfg)
         metrics["accuracy_change"] = metrics["accuracy_after"] - acc_before
-        finish("rft", cfg, metrics, model, tokenizer, base_path=cfg.model, trainer=trainer)
-    return metrics
+        return stage.finish(metrics, model=model, tokenizer=tokenizer, base_path=cfg.model, trainer=trainer)
 
 
 if __name__ == "__main__":
-    run_stage("rft", RFTConfig, run, launchable=True)
+    run_stage(STAGE, RFTConfig, run, launchable=True)
