@@ -8,15 +8,15 @@
    source's share of them exceeds max_bad_share (then it stops, as with stop);
 2. dedupe within each kind by normalised content: the prompt (the text for the corpus) lowercased, with
    punctuation and whitespace folded and numbers kept (posttrain.overlap.normalise), first kept;
-3. split each kind into train / eval by each source's `split`: `auto` (the default, for your own files) by a
-   seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
-   heldout_* files: pairings no training file has); `train` every row trained on. A kind's eval split is at
-   most max_eval_per_suite: auto rows beyond it go to train, eval-only rows are left out (never trained on);
+3. split each kind into train / eval by each source's `split` (posttrain/splitting.py): `auto` (the default) by
+   a seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
+   heldout_* files); `train` every row trained on. At most max_eval_per_suite rows of a kind are held out:
+   auto rows beyond it go to train, eval-only rows are left out (never trained on);
 4. drop from every train split the examples whose normalised prompt is held out in any kind's eval split;
 5. drop from the corpus train split every document that contains an eval prompt, normalised: any
    decontaminate.ngram-gram of it, or the whole prompt when it is shorter (GPT-3's 13-gram check);
 6. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
-   repeating examples only where a kind has too few;
+   repeating examples only where a kind has too few (posttrain/mixing.py);
 7. measure what is left: the n-gram overlap (overlap_ngrams) between the training files (sft_train,
    preference_train, corpus_train, prompts) and each eval suite;
 8. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
@@ -35,9 +35,6 @@ Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / pr
 
 from __future__ import annotations
 
-import hashlib
-import random
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,8 +42,10 @@ from typing import Literal
 from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
 from posttrain.files import atomic_dir, write_json, write_jsonl
-from posttrain.overlap import contains_any, normalise, overlap, probes, tokens
-from posttrain.readers import DataError, Problem, read_sources
+from posttrain.mixing import build_mixture, mixture_counts, outputs  # noqa: F401 (tests import mixture_counts here)
+from posttrain.readers import read_sources
+from posttrain.splitting import decontaminate, dedupe, judge_part, key_of, overlap_report, prompt_of, split, text_of
+from posttrain.tracking import log_stage_metrics, stage_run
 
 SFT_KINDS = ("instruction", "refusal", "cot")
 SPLIT_KINDS = ("corpus", "instruction", "refusal", "cot", "preference")  # prompts are not split
@@ -129,174 +128,6 @@ class PrepareConfig:
             raise ConfigError(f"[prepare.mixture.ratios] {orphans} have a share but no source in prepare.sources")
 
 
-# ---------------------------------------------------------------- steps
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def assistant(text: str) -> list[dict]:
-    return [{"role": "assistant", "content": text}]
-
-
-def prompt_of(kind: str, row: dict) -> list[dict]:
-    """The messages a model sees before it answers."""
-    if kind == "instruction":
-        return row["messages"][:-1]
-    if kind == "preference":
-        return row["prompt"]
-    return user(row["question"] if kind == "cot" else row["prompt"])
-
-
-def text_of(messages: list[dict]) -> str:
-    return "\n".join(m["content"] for m in messages)
-
-
-def key_of(kind: str, row: dict) -> str:
-    """What makes two examples duplicates: the normalised text of a corpus document, else of the prompt."""
-    return normalise(row["text"] if kind == "corpus" else text_of(prompt_of(kind, row)))
-
-
-def dedupe(kind: str, rows: list[dict]) -> list[dict]:
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        key = key_of(kind, row)
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
-    return unique
-
-
-def rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
-
-
-def split(kind: str, rows: list[dict], fraction: float, cap: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) by each row's `_split` (from its source; none: auto).
-
-    auto rows: eval is the `fraction` of them whose normalised prompt ranks lowest under a seeded hash;
-    eval rows: all in eval; train rows: all in train. Eval stops at `cap`: auto rows past it go to train,
-    eval-only rows past it are left out. Every kind ranks by the same hash, so a prompt found in two kinds
-    (a word problem that is both a cot example and a preference pair) tends to fall on the same side in
-    both, and step 4 drops few rows. The order is pseudo-random, so any prefix of eval is a fair sample of it.
-    """
-    order = sorted(rows, key=lambda r: rank(seed, key_of(kind, r)))
-    n_auto_eval = round(sum(r.get("_split", "auto") == "auto" for r in rows) * fraction)
-    train, held, auto_seen = [], [], 0
-    for r in order:
-        source = r.get("_split", "auto")
-        wants_eval = source == "eval" or (source == "auto" and auto_seen < n_auto_eval)
-        auto_seen += source == "auto"
-        if wants_eval and len(held) < cap:
-            held.append(r)
-        elif source != "eval":  # an eval-only row past the cap is left out: never trained on
-            train.append(r)
-    return train, held
-
-
-def decontaminate(docs: list[dict], eval_prompts: list[str], n: int, min_tokens: int) -> list[dict]:
-    """The corpus documents that contain no eval prompt (normalised): no n-gram of it, nor the whole of a
-    shorter one (of at least min_tokens tokens)."""
-    marks = probes([tokens(p) for p in eval_prompts], n, min_tokens)
-    return [d for d in docs if not contains_any(tokens(d["text"]), marks)]
-
-
-def overlap_report(files: dict[str, list], sizes: list[int]) -> dict[str, dict]:
-    """posttrain.overlap.overlap of every eval suite (its prompts; corpus_eval: its documents) against all
-    text the training stages read: the SFT mixture, preference train pairs, corpus train, RL / distill prompts."""
-    training = ([text_of(r["prompt"] + r["completion"]) for r in files["sft_train.jsonl"]]
-                + [text_of(r["prompt"] + r["chosen"] + r["rejected"]) for r in files["preference_train.jsonl"]]
-                + [r["text"] for r in files["corpus_train.jsonl"]]
-                + [text_of(r["prompt"]) for r in files["prompts.jsonl"]])
-    suites = {s: [text_of(r["prompt"]) for r in files[f"eval_{s}.jsonl"]] for s in ("instruction", "cot", "harmful",
-                                                                                   "benign")}
-    suites["preference"] = [text_of(r["prompt"]) for r in files["preference_eval.jsonl"]]
-    suites["corpus"] = [r["text"] for r in files["corpus_eval.jsonl"]]
-    return overlap(training, suites, sizes)
-
-
-def mixture_counts(size: int, ratios: dict[str, float]) -> dict[str, int]:
-    """Largest-remainder rounding: counts sum to `size`, each within 1 of size * ratio."""
-    exact = {k: size * r for k, r in ratios.items()}
-    counts = {k: int(x) for k, x in exact.items()}
-    by_remainder = sorted(ratios, key=lambda k: (exact[k] - counts[k], -list(ratios).index(k)), reverse=True)
-    for k in by_remainder[: size - sum(counts.values())]:
-        counts[k] += 1
-    return counts
-
-
-def build_mixture(train: dict[str, list[dict]], size: int, ratios: dict[str, float], seed: int):
-    """[(kind, row)] of `size` drawn at `ratios`; with replacement only for a kind with too few rows."""
-    rng = random.Random(f"{seed}:mixture")
-    picked, report = [], {}
-    for kind, want in mixture_counts(size, ratios).items():
-        pool = train.get(kind, [])
-        if want and not pool:
-            raise DataError([Problem("prepare.mixture", f"'{kind}' has ratio {ratios[kind]} but no train examples")])
-        if want <= len(pool):
-            rows = rng.sample(pool, want)
-        else:  # every example once, then repeats drawn at random
-            rows = rng.sample(pool, len(pool)) + rng.choices(pool, k=want - len(pool))
-        picked += [(kind, row) for row in rows]
-        report[kind] = {"count": want, "share": want / size, "target": ratios[kind], "available": len(pool),
-                        "upsampled": want > len(pool), "repeated": max(0, want - len(pool))}
-    rng.shuffle(picked)
-    by_source = Counter(row["_source"] for _, row in picked)
-    sources = {src: {"count": n, "share": n / size} for src, n in sorted(by_source.items())}
-    return picked, {"size": size, "kinds": report, "sources": sources}
-
-
-# ---------------------------------------------------------------- output rows
-
-
-def sft_row(kind: str, row: dict) -> dict:
-    if kind == "instruction":
-        completion = [row["messages"][-1]]
-    elif kind == "refusal":
-        completion = assistant(row["response"])
-    else:
-        completion = assistant(f"{row['rationale']}\n#### {row['answer']}")
-    return {"prompt": prompt_of(kind, row), "completion": completion, "source": kind}
-
-
-def preference_row(row: dict) -> dict:
-    return {"prompt": row["prompt"], "chosen": assistant(row["chosen"]), "rejected": assistant(row["rejected"])}
-
-
-def judge_part(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(pairs for reward and align, pairs for the judge): the judge's are the `share` of pairs whose normalised
-    prompt ranks lowest under a seeded hash, so one prompt's pairs all go one way."""
-    keys = sorted({key_of("preference", r) for r in rows}, key=lambda k: rank(seed + 1, k))
-    judged = set(keys[: round(share * len(keys))])
-    return ([r for r in rows if key_of("preference", r) not in judged],
-            [r for r in rows if key_of("preference", r) in judged])
-
-
-def outputs(train: dict, held: dict, prompts: list[dict], mixture: list, sft_kinds: list[str],
-            judge: list[dict]) -> dict[str, list]:
-    """File name -> rows, for every file prepare writes (empty where a kind has no source)."""
-    return {
-        "corpus_train.jsonl": [{"text": r["text"]} for r in train["corpus"]],
-        "corpus_eval.jsonl": [{"text": r["text"]} for r in held["corpus"]],
-        "sft_train.jsonl": [sft_row(kind, r) for kind, r in mixture],
-        "sft_eval.jsonl": [sft_row(kind, r) for kind in sft_kinds for r in held[kind]],
-        "eval_instruction.jsonl": [{"prompt": prompt_of("instruction", r), "answer": r["messages"][-1]["content"]}
-                                   for r in held["instruction"]],
-        "eval_cot.jsonl": [{"prompt": prompt_of("cot", r), "answer": r["answer"]} for r in held["cot"]],
-        "eval_harmful.jsonl": [{"prompt": prompt_of("refusal", r)} for r in held["refusal"]],
-        "eval_benign.jsonl": [{"prompt": prompt_of("instruction", r)} for r in held["instruction"]],
-        "preference_train.jsonl": [preference_row(r) for r in train["preference"]],
-        "preference_eval.jsonl": [preference_row(r) for r in held["preference"]],
-        "preference_judge.jsonl": [preference_row(r) for r in judge],
-        "prompts.jsonl": [{"prompt": prompt_of("prompt", r), "answer": r["answer"]} for r in prompts],
-    }
-
-
-# ---------------------------------------------------------------- stage
-
-
 def input_names(cfg: PrepareConfig) -> dict[str, str]:
     names: dict[str, str] = {}
     for i, s in enumerate(present(cfg.sources)):
@@ -353,8 +184,6 @@ def run(cfg: PrepareConfig) -> dict:
         "outputs": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
         "overlap": overlap_report(files, cfg.overlap_ngrams),
     }
-    from posttrain.tracking import log_stage_metrics, stage_run
-
     with stage_run("prepare", cfg, inputs=input_names(cfg)):
         with atomic_dir(cfg.out_dir) as tmp:
             for name, out_rows in files.items():
