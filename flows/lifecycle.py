@@ -348,9 +348,16 @@ def _run(targets: list[str], single_item: bool, overrides: dict[str, Any], exper
             results = []
             for i, stage in enumerate(todo, 1):
                 logger.info("[%d/%d] %s ...", i, len(todo), stage)
-                result = run_stage.with_options(
-                    task_run_name=stage, retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s,
-                )(root, stage, single_item, env, applied)
+                try:
+                    result = run_stage.with_options(
+                        task_run_name=stage, retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_s,
+                    )(root, stage, single_item, env, applied)
+                except StageFailed as e:  # the UI shows why, with the stage's own report (e.g. export's gate)
+                    reports = ["\n".join(["", f"## {p}", "", _first_section(root / p)])
+                               for p in stages[stage]["reports"] if (root / p).exists()]
+                    create_markdown_artifact(f"# {stage} failed\n\n```\n{e}\n```\n" + "\n".join(reports),
+                                             key=f"{stage}-failed", description=f"lifecycle {name}: {stage} failed")
+                    raise
                 logger.info("[%d/%d] %s %s in %.1fs", i, len(todo), stage, "ran" if result["ran"] else "cached",
                             result["seconds"])
                 results.append(result)

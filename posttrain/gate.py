@@ -173,18 +173,21 @@ def decide(gate: GateConfig, names: list[str], table: dict, items: dict, referen
             "alpha": gate.alpha}
 
 
-def report_lines(decision: dict) -> list[str]:
-    """The gate's Markdown section: each model's verdict and every rule's figures."""
+def summary_lines(decision: dict) -> list[str]:
+    """The gate's verdict in Markdown: what shipped and, per model, whether it passed and which rules failed."""
     chosen = decision["chosen"]
-    lines = ["## Promotion gate", "",
-             f"Paired tests against {decision['reference']} at alpha {decision['alpha']}; among the models that pass, "
+    lines = [f"Paired tests against {decision['reference']} at alpha {decision['alpha']}; among the models that pass, "
              f"the best {decision['primary']} ships. Shipped: **{chosen or 'none'}**.", "",
              "| model | passed | " + decision["primary"] + " | failed rules |", "|---|---|---|---|"]
     for name, m in decision["models"].items():
         primary = "n/a" if m["primary"] is None else f"{m['primary']:.3f}"
-        lines.append(f"| {name} | {'yes' if m['passed'] else 'no'} | {primary} | "
-                     f"{'; '.join(m['failed']) or '-'} |")
-    lines += ["", "| model | rule | figures | passed |", "|---|---|---|---|"]
+        lines.append(f"| {name} | {'yes' if m['passed'] else 'no'} | {primary} | {'; '.join(m['failed']) or '-'} |")
+    return lines
+
+
+def rule_lines(decision: dict) -> list[str]:
+    """Every rule's figures for every model, in Markdown."""
+    lines = ["| model | rule | figures | passed |", "|---|---|---|---|"]
     for name, m in decision["models"].items():
         for c in m["checks"]:
             lines.append(f"| {name} | {c['metric']} {c['test']} | {describe(c)} | {'yes' if c['passed'] else 'no'} |")

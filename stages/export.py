@@ -24,7 +24,7 @@ from pathlib import Path
 from posttrain.cli import run_stage
 from posttrain.config import TrackingConfig, read_params
 from posttrain.files import atomic_dir, digest, git_commit, write_json
-from posttrain.gate import GateConfig, check_config, decide, report_lines
+from posttrain.gate import GateConfig, check_config, decide, rule_lines, summary_lines
 from posttrain.lineage import data_digests, dvc_lock_hash, lineage
 from posttrain.model_card import model_card
 from posttrain.models import is_adapter_dir, load_model, load_tokenizer
@@ -111,7 +111,8 @@ def gate(cfg: ExportConfig, params: dict, table: dict) -> dict:
     decision = decide(cfg.gate, names, table, items, evaluate.get("reference", cfg.gate.reference))
     decision["path"] = evaluate["models"].get(decision["chosen"]) if decision["chosen"] else None
     Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.report).write_text("# Export\n\n" + "\n".join(report_lines(decision)) + "\n")
+    text = ["# Export: the promotion gate", "", *summary_lines(decision), "", "## Every rule", "", *rule_lines(decision)]
+    Path(cfg.report).write_text("\n".join(text) + "\n")
     return decision
 
 
@@ -161,7 +162,8 @@ def run(cfg: ExportConfig) -> dict:
         }
         card = model_card(name=cfg.registry.name, alias=cfg.registry.alias, source=source, out_dir=cfg.out_dir,
                           card_cfg=cfg.card, params=params, chain=chain, table=table, row=row,
-                          gate_md="\n".join(report_lines(decision)), digests=digests, provenance=provenance,
+                          gate_md="\n".join(["## Promotion gate", "", *summary_lines(decision), "", *rule_lines(decision)]),
+                          digests=digests, provenance=provenance,
                           n_params=n_params, evaluate_metrics=cfg.evaluate_metrics, max_new_tokens=cfg.max_new_tokens,
                           onnx_dir=cfg.onnx.dir if cfg.onnx.enabled else None)
         tags = {"git_commit": provenance["git_commit"], "dvc_lock_sha256": lock_hash, "source_model": source,
