@@ -47,6 +47,10 @@ TINY = {
                          "samples_per_suite": 1, "speed_prompts": 4, "speed_rounds": 1}},
     "rft": {"max_prompts": 8, "num_samples": 2, "max_new_tokens": 16, "batch_size": 8, "max_eval": 6,
             "train": dict(_TRAIN, max_length=128)},
+    # the gate's paired rules without the refusal floor: a model trained 6 steps refuses nothing, and a lineage test
+    # should ship (sft at least: it is never significantly worse than itself); tests/test_gate.py tests the floors
+    "export": {"gate": {"rules": [{"metric": m, "test": "not_worse"} for m in
+                                  ("instruction_em", "cot_accuracy", "refusal_rate", "prefers_chosen", "win_rate")]}},
 }
 
 

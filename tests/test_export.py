@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import flags, make_workdir, run_stage, tiny_params, write_evaluation
+from conftest import REPO, flags, make_workdir, run_stage, tiny_params, write_evaluation
 
 NAME = "tiny-student"
 N = 40
@@ -191,7 +191,8 @@ def test_a_model_that_fails_the_gate_is_not_promoted(exported, tmp_path, monkeyp
 
     from stages.export import ExportError
 
-    wd = gate_workdir(exported, tmp_path, monkeypatch, model="models/base")  # 0 on every rate: worse than sft
+    shipped_gate = yaml.safe_load((REPO / "params.yaml").read_text())["export"]["gate"]  # params.yaml's, floors too
+    wd = gate_workdir(exported, tmp_path, monkeypatch, model="models/base", gate=shipped_gate)  # 0 on every rate
     shutil.rmtree(wd / "models/export")
     with pytest.raises(ExportError, match=r"no model passed the promotion gate, nothing promoted \(alias candidate "
                                           r"stays at version 2\): base: instruction_em 0.000 vs sft: -0.250, p=.*"
