@@ -60,6 +60,12 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
     )
 
 
+def logged(trainer, key: str) -> tuple[float | None, float | None]:
+    """First and last logged value of a training metric (evaluation entries left out)."""
+    values = [h[key] for h in trainer.state.log_history if key in h and "eval_loss" not in h]
+    return (values[0], values[-1]) if values else (None, None)
+
+
 def examples_needed(train: TrainConfig) -> int:
     """Training examples a run can consume: max_steps x batch_size x grad_accum (x processes when launched).
     Steps that generate their training data (policy pairs, the teacher's answers) generate no more."""

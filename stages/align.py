@@ -6,11 +6,8 @@
                  model (models/reward) plus, where a prompt has a checkable answer, an exact-answer reward;
                  KL to the reference weighted by `beta`
 
-The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: for each prompt of
-train_file the model samples `generation.num_generations` replies, the trained reward model scores them and
-the best and worst become chosen and rejected (on-policy pairs ranked by the reward model, as in iterative /
-rejection-sampling DPO). Sampled pairs are cached in the checkpoint dir, so a resumed run trains on the same;
-under a multi-process launch each process samples its share of the prompts (posttrain.distributed).
+The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: the model's own
+samples of train_file's prompts, best and worst by the trained reward model (posttrain/policy_pairs.py).
 
 The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter
 into the weights first, so with a PEFT method the reference is those weights with the new adapter off
@@ -28,19 +25,15 @@ from typing import Literal
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
 from posttrain.decoding import DecodeConfig
-from posttrain.distributed import cached_rows, main_first, split_work
-from posttrain.files import read_jsonl
-from posttrain.models import (apply_freeze, is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
-                              peft_config, trainable_share)
-from posttrain.outputs import finish, pass_through
-from posttrain.reward_model import (load_reward_model, preference_rows, require_reward_model, reward_scores,
-                                    trl_pairs)
-from posttrain.runtime import set_seed
-from posttrain.scoring import exact_match, final_answer, sample
-from posttrain.tracking import stage_run
-from posttrain.training import (clear_checkpoints, examples_needed, fingerprint, prepare_checkpoints,
-                                train_with_resume, trainer_args)
+from posttrain.distributed import main_first
+from posttrain.harness import TrainingStage, make_trainable
+from posttrain.models import is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path, trainable_share
+from posttrain.policy_pairs import policy_pairs
+from posttrain.reward_model import load_reward_model, preference_rows, require_reward_model, trl_pairs
+from posttrain.training import logged, trainer_args
+from posttrain.verifiable import prompt_rows, verifiable_reward
 
+STAGE = "align"
 OFFLINE = ("dpo", "kto", "orpo")
 ONLINE = ("grpo", "rloo")
 
@@ -78,54 +71,17 @@ class AlignConfig:
 
     def __post_init__(self):
         g = self.generation
-        if self.method in ONLINE or self.pairs == "policy":
-            if g.num_generations < 2:
-                raise ConfigError(f"[align.generation.num_generations] must be >= 2 for {self.method}"
-                                  f"{' with pairs: policy' if self.method in OFFLINE else ''}, got {g.num_generations}")
-        if self.method in ONLINE:
-            if (self.train.batch_size * self.train.grad_accum) % g.num_generations:
-                raise ConfigError(f"[align.train] batch_size * grad_accum ({self.train.batch_size} * "
-                                  f"{self.train.grad_accum}) must be a multiple of generation.num_generations "
-                                  f"({g.num_generations}) for {self.method}")
+        if (self.method in ONLINE or self.pairs == "policy") and g.num_generations < 2:
+            raise ConfigError(f"[align.generation.num_generations] must be >= 2 for {self.method}"
+                              f"{' with pairs: policy' if self.method in OFFLINE else ''}, got {g.num_generations}")
+        if self.method in ONLINE and (self.train.batch_size * self.train.grad_accum) % g.num_generations:
+            raise ConfigError(f"[align.train] batch_size * grad_accum ({self.train.batch_size} * "
+                              f"{self.train.grad_accum}) must be a multiple of generation.num_generations "
+                              f"({g.num_generations}) for {self.method}")
         if self.beta < 0:
             raise ConfigError(f"[align.beta] must be >= 0, got {self.beta}")
         if self.sft_weight < 0:
             raise ConfigError(f"[align.sft_weight] must be >= 0, got {self.sft_weight}")
-
-
-# ---------------------------------------------------------------- rewards
-
-
-def verifiable_reward(prompts, completions, answer, **_) -> list[float | None]:
-    """1 if the completion's final answer ('#### N', else the whole reply) is the known answer, 0 if not,
-    None for prompts without one (TRL then leaves this reward out for them)."""
-    out: list[float | None] = []
-    for completion, ans in zip(completions, answer):
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
-        if ans is None:
-            out.append(None)
-        else:
-            final = final_answer(text)
-            out.append(float(final == ans if final is not None else exact_match(text, ans)))
-    return out
-
-
-def prompt_rows(paths: list[str]) -> list[dict]:
-    """{"prompt": messages, "answer": str | None} from every file, deduplicated by prompt, first kept."""
-    import json
-
-    seen, rows = set(), []
-    for path in paths:
-        for n, r in enumerate(read_jsonl(path), 1):
-            if not isinstance(r.get("prompt"), list) or not r["prompt"]:
-                raise ValueError(f"{path} line {n}: 'prompt' must be a non-empty message list, got {r.get('prompt')!r}")
-            key = json.dumps(r["prompt"], sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                rows.append({"prompt": r["prompt"], "answer": r.get("answer")})
-    if not rows:
-        raise ValueError(f"{', '.join(paths)}: no prompts")
-    return rows
 
 
 # ---------------------------------------------------------------- the reference
@@ -149,56 +105,6 @@ def load_data(cfg: AlignConfig) -> dict:
     return {"prompts": prompt_rows(cfg.prompts_files)}
 
 
-def matches(reply: str, reference: str) -> bool:
-    """A reply verified against a known-good one: the same '#### N' final answer, else the same text."""
-    final = final_answer(reference)
-    return final_answer(reply) == final if final is not None else exact_match(reply, reference)
-
-
-def policy_pairs(cfg: AlignConfig, rows: list[dict], cache: Path) -> tuple[list[dict], dict]:
-    """For each prompt of `rows`, the model's own samples ranked by the reward model plus
-    `verifiable_reward_weight` for a sample that matches the pair's chosen reply: (best, worst).
-    Under a multi-process launch each process samples and scores its share of the prompts."""
-    rows = rows[: cfg.generation.max_prompts or examples_needed(cfg.train)]  # sampling is slow: no more than used
-    pairs = cached_rows(cache, lambda: _sampled_pairs(cfg, rows))
-    return pairs, {"policy_prompts": len(rows), "policy_pairs": len(pairs),
-                   "policy_pair_gap": sum(p["gap"] for p in pairs) / len(pairs),
-                   "policy_chosen_verified": sum(p["chosen_verified"] for p in pairs) / len(pairs)}
-
-
-def _sampled_pairs(cfg: AlignConfig, rows: list[dict]) -> list[dict]:
-    pairs = split_work(lambda share: _ranked_pairs(cfg, share), rows, "policy samples")
-    if not pairs:
-        raise ValueError(f"pairs: policy: no prompt of {cfg.train_file} gave two samples whose rewards differ "
-                         f"by more than min_reward_gap={cfg.min_reward_gap}; lower it or sample more "
-                         "(generation.num_generations)")
-    return pairs
-
-
-def _ranked_pairs(cfg: AlignConfig, rows: list[dict]) -> list[dict]:
-    """The (best, worst) pair of each prompt of `rows` whose samples' rewards differ by more than min_reward_gap."""
-    g = cfg.generation
-    prompts = [r["prompt"] for r in rows]
-    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    samples = sample(model, tokenizer, prompts, g.num_generations, g.temperature, g.max_completion_length,
-                     g.batch_size, cfg.decode, desc="policy samples")
-    del model
-    reward, reward_tokenizer = load_reward_model(cfg.reward_model), load_tokenizer(cfg.reward_model)
-    scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
-                           [x for s in samples for x in s], g.batch_size, cfg.train.max_length,
-                           desc="reward of samples")
-    pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
-    for i, (row, replies) in enumerate(zip(rows, samples)):
-        verified = [matches(x, row["chosen"]) for x in replies]
-        total = [r + w * v for r, v in zip(scores[i * k : (i + 1) * k], verified)]
-        ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
-        (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
-        if high - low > cfg.min_reward_gap and best and worst and best != worst:
-            pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
-                          "chosen_verified": best_verified})
-    return pairs
-
-
 def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
     """The TRL trainer for `cfg.method` on `data` (load_data's rows), its policy loaded from cfg.model,
     which is also the reference."""
@@ -210,8 +116,7 @@ def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
         data = {"train_dataset": Dataset.from_list(data["prompts"])}
     tokenizer = load_tokenizer(cfg.model)
     model = load_for_training(cfg.model, cfg.adapter)
-    apply_freeze(model, cfg.adapter)
-    pc = peft_config(cfg.adapter)
+    model, pc = make_trainable(model, cfg.adapter, trainer_applies_peft=True)
     if pc is None:  # full / freeze: TRL loads its reference from here, so it must be the sft weights
         model.config._name_or_path = reference_dir(cfg.model, ckpt_dir / "reference")
     common = dict(max_length=cfg.train.max_length, per_device_eval_batch_size=cfg.train.batch_size, beta=cfg.beta)
@@ -257,44 +162,30 @@ def _online_trainer(cfg: AlignConfig, ckpt_dir: Path, model, tokenizer, pc, data
 # ---------------------------------------------------------------- the stage
 
 
-def logged(trainer, key: str) -> tuple[float | None, float | None]:
-    """First and last logged value of a training metric."""
-    values = [h[key] for h in trainer.state.log_history if key in h and "eval_loss" not in h]
-    return (values[0], values[-1]) if values else (None, None)
-
-
 TRACKED = {"dpo": ["loss", "rewards/margins", "rewards/accuracies"], "kto": ["loss", "kl"],
            "orpo": ["loss", "rewards/margins", "rewards/accuracies", "log_odds_ratio"],
            "grpo": ["reward", "kl"], "rloo": ["reward", "kl"]}  # first and last logged value go into the metrics
 
 
 def run(cfg: AlignConfig) -> dict:
+    stage = TrainingStage(STAGE, cfg)
     if not cfg.enabled:
-        return pass_through("align", cfg, cfg.model)
-    if cfg.method in ONLINE or cfg.pairs == "policy":
+        return stage.pass_through(cfg.model)
+    inputs = ({"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file} if cfg.method in OFFLINE
+              else {"model": cfg.model, **{f"prompts{i}": p for i, p in enumerate(cfg.prompts_files)}})
+    if cfg.method in ONLINE or cfg.pairs == "policy":  # the reward model is read: an input
         require_reward_model(cfg.reward_model, "align.reward_model",
                              "enable reward, or use a method of dpo / kto / orpo with align.pairs: data")
-    set_seed(cfg.seed)
-    if cfg.method in OFFLINE:
-        inputs = {"model": cfg.model, "train": cfg.train_file, "eval": cfg.eval_file}
-    else:
-        inputs = {"model": cfg.model, "reward_model": cfg.reward_model,
-                  **{f"prompts{i}": p for i, p in enumerate(cfg.prompts_files)}}
-    if cfg.method in OFFLINE and cfg.pairs == "policy":
         inputs["reward_model"] = cfg.reward_model
+    stage.seed()
     data = load_data(cfg)
-    ckpt_dir, resume = prepare_checkpoints("align", fingerprint(cfg, inputs))
-    with stage_run("align", cfg, inputs=inputs):
+    with stage.run(inputs):
         pair_stats = {}
         if cfg.method in OFFLINE and cfg.pairs == "policy":
-            try:
-                data["train"], pair_stats = policy_pairs(cfg, data["train"], ckpt_dir / "policy_pairs.jsonl")
-            except ValueError:
-                if resume is None:  # a fresh run leaves nothing behind
-                    clear_checkpoints("align")
-                raise
-        trainer = build_trainer(cfg, ckpt_dir, data)
-        result = train_with_resume(trainer, resume)
+            with stage.cleared_on_failure(ValueError):
+                data["train"], pair_stats = policy_pairs(cfg, data["train"], stage.ckpt_dir / "policy_pairs.jsonl")
+        trainer = build_trainer(cfg, stage.ckpt_dir, data)
+        result = stage.train(trainer)
         metrics = {"method": cfg.method, "adapter": cfg.adapter.method, **pair_stats, **result,
                    **trainable_share(trainer.model)}
         for key in TRACKED[cfg.method]:
@@ -302,9 +193,8 @@ def run(cfg: AlignConfig) -> dict:
         if cfg.method in OFFLINE:
             metrics.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "runtime" not in k
                             and "per_second" not in k})
-        finish("align", cfg, metrics, tokenizer=trainer.processing_class, base_path=cfg.model, trainer=trainer)
-    return metrics
+        return stage.finish(metrics, tokenizer=trainer.processing_class, base_path=cfg.model, trainer=trainer)
 
 
 if __name__ == "__main__":
-    run_stage("align", AlignConfig, run, launchable=True)
+    run_stage(STAGE, AlignConfig, run, launchable=True)
