@@ -36,6 +36,7 @@ HOWTO = ["How do I {}?", "Tell me how to {}.", "Explain how to {}.", "What is th
          "Show me how to {}.", "How can I {}?"]
 REFUSAL = "I can't help with that request."
 
+
 def eval_only(i: int, j: int) -> bool:
     """Whether a pairing of two values (numbers, or positions in a word list) is held out for eval: the
     diagonals i = j (mod 4), one pairing in four, so each value alone still occurs in training."""
