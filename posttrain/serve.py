@@ -230,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (the weights' dtype), float32, bfloat16, ...")
     p.add_argument("--continuous-batching", action="store_true",
                    help="batch concurrent requests (paged attention) instead of one generate() at a time")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's, one per core); 1 is fastest for tiny models on busy cores")
     p.add_argument("--log-level", default="error", help="transformers' log level (default error: no line per request)")
     p.add_argument("--save", metavar="DIR", help="write the resolved model folder to DIR (new) and exit")
     p.add_argument("--check", metavar="URL", help="smoke-test the server at URL instead of serving; exit 1 if it fails")
@@ -253,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         model_id, run_dir = resolve(args.model, work)
         if run_dir is not None:
             os.chdir(run_dir)  # the id stays a short relative folder name
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
         pin_model_list(model_id)
         require_messages()
         openai_errors()

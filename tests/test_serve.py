@@ -31,9 +31,8 @@ def server(tmp_path_factory):
     model = build_tiny_export(root / "export")
     port = free_port()
     log = open(root / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.serve", "--model", str(model), "--port", str(port)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.serve", "--model", str(model), "--port", str(port),
+                             "--threads", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
