@@ -99,3 +99,24 @@ def test_make_trainable_trains_and_saves_a_new_head():
     assert frozen.score.weight.requires_grad and not frozen.model.layers[0].self_attn.q_proj.weight.requires_grad
     lora = make_trainable(classifier(), _adapter("lora"), task_type="SEQ_CLS", head="score")
     assert "score" in lora.peft_config["default"].modules_to_save
+
+
+TRAINING_STAGES = ("cpt", "sft", "rft", "reward", "judge", "align", "distill")
+
+
+@pytest.mark.parametrize("name", TRAINING_STAGES)
+def test_each_training_stage_names_itself_once_and_runs_through_the_harness(name):
+    import ast
+
+    source = (Path(__file__).parents[1] / "stages" / f"{name}.py").read_text()
+    literals = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and n.value == name]
+    assert len(literals) == 1, f"stages/{name}.py spells '{name}' {len(literals)} times"
+    assert "TrainingStage(" in source or "train_reward_model(" in source
+    for private in ("prepare_checkpoints(", "train_with_resume(", "clear_checkpoints(", "get_peft_model("):
+        assert private not in source, f"stages/{name}.py calls {private} itself: the harness does"
+
+
+@pytest.mark.parametrize("name", (*TRAINING_STAGES, "prepare", "sample"))
+def test_stage_modules_stay_short(name):
+    lines = (Path(__file__).parents[1] / "stages" / f"{name}.py").read_text().splitlines()
+    assert len(lines) <= 200, f"stages/{name}.py has {len(lines)} lines: move library code into posttrain/"
