@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test install-real install-browser image install-team
+.PHONY: run test test-fast install install-test install-real install-browser image install-team
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,3 +78,9 @@ run: install
 # slowest tests are listed at the end so a slow-down shows in CI's log.
 test: install-test
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+# The day-to-day loop: every test that builds no lineage, starts no server, drives no browser and loads no SmolLM2
+# (pytest -m "not lineage", marked in tests/conftest.py). `make test` above stays the whole suite, what CI runs.
+test-fast: install-test
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadfile -m "not lineage" --durations=5 $(PYTEST_ARGS)
+

@@ -126,6 +126,17 @@ def flags(k: int, n: int) -> list[int]:
     return [1] * k + [0] * (n - k)
 
 
+# `make test-fast` runs `pytest -m "not lineage"`: the day-to-day loop without the tests that build a lineage, start
+# servers, drive the browser or load SmolLM2 (they use one of these fixtures); `make test` runs every test.
+LINEAGE_FIXTURES = {"lifecycle", "repo", "lifecycle_on_smollm2", "prefect_api", "server", "services"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if LINEAGE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.lineage)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     # Any stage a test runs logs to a store of its own, never the checkout's mlflow.db.
