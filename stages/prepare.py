@@ -60,6 +60,7 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)  # {their column: our column}; most files need none
     split: Literal["auto", "train", "eval"] = "auto"  # auto: by hash; train / eval: every row there
     optional: bool = False  # true: a missing or empty file is no rows (votes the arena has not written yet)
+    encoding: str = "utf-8"  # the file's text encoding, a Python codec name (latin-1, cp1252, utf-16); UTF-8 may have a BOM
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class PrepareConfig:
     judge_share: float  # preference train pairs set apart for the judge (preference_judge.jsonl): never reward's
     on_bad_rows: Literal["stop", "drop"]  # drop: leave bad rows out, listed in out_dir/rejects.jsonl
     max_bad_share: float  # drop: a source with a larger share of bad rows still stops the stage
+    max_chars: int  # longest string or message a row may hold (schemas' max_chars checks); longer rows are bad rows
     out_dir: str
 
     def __post_init__(self):
@@ -143,8 +145,8 @@ def present(sources: list[SourceConfig]) -> list[SourceConfig]:
 
 def run(cfg: PrepareConfig) -> dict:
     sources = present(cfg.sources)
-    tables = read_sources(((s.path, s.kind, s.columns) for s in sources),  # raises DataError; nothing written yet
-                          cfg.on_bad_rows, cfg.max_bad_share)
+    tables = read_sources(sources, cfg.on_bad_rows, cfg.max_bad_share,  # raises DataError; nothing written yet
+                          max_chars=cfg.max_chars)
     rejects = [r.to_json() for t in tables for r in t.rejects]
     rows: dict[str, list[dict]] = {kind: [] for kind in (*SPLIT_KINDS, "prompt")}
     for t, source in zip(tables, sources):  # read_sources keeps the order of the sources

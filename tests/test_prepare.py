@@ -57,7 +57,7 @@ def write_fixture(root: Path) -> dict:
         "prepare": {"sources": [{"path": f"raw/{p}", "kind": k} for p, k in sources], "eval_fraction": 0.2,
                     "max_eval_per_suite": 15, "mixture": {"size": 100, "ratios": dict(RATIOS)},
                     "decontaminate": {"ngram": 13, "min_tokens": 5}, "overlap_ngrams": [8, 13],
-                    "judge_share": 0.3, "on_bad_rows": "stop", "max_bad_share": 0.01,
+                    "judge_share": 0.3, "on_bad_rows": "stop", "max_bad_share": 0.01, "max_chars": 100000,
                     "out_dir": "processed"},
     }
 
