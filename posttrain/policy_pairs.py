@@ -3,12 +3,15 @@
 For each prompt the policy samples `generation.num_generations` replies; the reward model scores them, plus
 `verifiable_reward_weight` for a reply that matches the pair's chosen one (posttrain.verifiable.matches); the
 best and the worst become chosen and rejected when their rewards differ by more than `min_reward_gap`
-(on-policy pairs, as in iterative / rejection-sampling DPO). The pairs are cached next to the checkpoints, so a
+(on-policy pairs, as in iterative / rejection-sampling DPO). With `verified_pairs`, a prompt whose chosen reply has a
+checkable final answer ('#### N') gives a pair only from a right sample (chosen) and a wrong one (rejected), as in
+Iterative Reasoning Preference Optimization (Pang et al. 2024): the reward model never ranks a wrong answer over a
+right one there, so DPO does not push the model away from answers it got right. The pairs are cached next to the checkpoints, so a
 resumed run trains on the same ones; under a multi-process launch each process samples and scores its share of
 the prompts (posttrain.distributed).
 
 `cfg` is the preference stage's config: model, reward_model, train_file, min_reward_gap,
-verifiable_reward_weight, generation (num_generations, max_completion_length, temperature, batch_size,
+verifiable_reward_weight, verified_pairs, generation (num_generations, max_completion_length, temperature, batch_size,
 max_prompts), decode and train.
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 from posttrain.distributed import cached_rows, split_work
 from posttrain.models import load_model, load_tokenizer
 from posttrain.reward_model import load_reward_model, reward_scores
-from posttrain.scoring import sample
+from posttrain.scoring import final_answer, sample
 from posttrain.training import examples_needed
 from posttrain.verifiable import matches
 
@@ -56,13 +59,28 @@ def _ranked_pairs(cfg, rows: list[dict]) -> list[dict]:
     scores = reward_scores(reward, reward_tokenizer, [p for p, s in zip(prompts, samples) for _ in s],
                            [x for s in samples for x in s], g.batch_size, cfg.train.max_length,
                            desc="reward of samples")
-    pairs, k, w = [], g.num_generations, cfg.verifiable_reward_weight
-    for i, (row, replies) in enumerate(zip(rows, samples)):
-        verified = [matches(x, row["chosen"]) for x in replies]
-        total = [r + w * v for r, v in zip(scores[i * k : (i + 1) * k], verified)]
-        ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
-        (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
-        if high - low > cfg.min_reward_gap and best and worst and best != worst:
-            pairs.append({"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
-                          "chosen_verified": best_verified})
-    return pairs
+    k, w = g.num_generations, cfg.verifiable_reward_weight
+    pairs = [pair_of(row, replies, scores[i * k : (i + 1) * k], w, cfg.min_reward_gap, cfg.verified_pairs)
+             for i, (row, replies) in enumerate(zip(rows, samples))]
+    return [p for p in pairs if p is not None]
+
+
+def pair_of(row: dict, replies: list[str], rewards: list[float], weight: float, min_gap: float,
+            verified_pairs: bool) -> dict | None:
+    """The (chosen, rejected) pair of one prompt's samples, or None: the best and worst by reward plus `weight` for
+    a reply matching the row's chosen one; with `verified_pairs` and a checkable chosen reply ('#### N'), the best
+    right reply over the worst wrong one."""
+    verified = [matches(x, row["chosen"]) for x in replies]
+    total = [r + weight * v for r, v in zip(rewards, verified)]
+    ranked = sorted(zip(total, verified, replies), key=lambda t: t[0])
+    if verified_pairs and final_answer(row["chosen"]) is not None:
+        right, wrong = [t for t in ranked if t[1]], [t for t in ranked if not t[1]]
+        if not (right and wrong and right[-1][2] and wrong[0][2]):
+            return None
+        (high, _, best), (low, _, worst) = right[-1], wrong[0]
+        return {"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low, "chosen_verified": True}
+    (low, _, worst), (high, best_verified, best) = ranked[0], ranked[-1]
+    if high - low > min_gap and best and worst and best != worst:
+        return {"prompt": row["prompt"], "chosen": best, "rejected": worst, "gap": high - low,
+                "chosen_verified": best_verified}
+    return None

@@ -6,14 +6,13 @@
                  model (models/reward) plus, where a prompt has a checkable answer, an exact-answer reward;
                  KL to the reference weighted by `beta`
 
-The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: the model's own
-samples of train_file's prompts, best and worst by the trained reward model (posttrain/policy_pairs.py).
+The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: the model's own samples,
+best and worst by the reward model, right over wrong where checkable (posttrain/policy_pairs.py).
 
-The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter
-into the weights first, so with a PEFT method the reference is those weights with the new adapter off
-(TRL's `disable_adapter`; no second copy in memory) and the saved adapter chains onto models/sft; with
-full training TRL builds its reference from the folder named in the policy's config, which we point at
-the sft weights (merged into the checkpoint dir when sft is an adapter), never at an earlier stage.
+The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter into the
+weights first, so with a PEFT method the reference is those weights with the new adapter off (TRL's
+`disable_adapter`; no second copy in memory) and the saved adapter chains onto models/sft; with full training
+TRL builds its reference from the folder named in the policy's config, which we point at the sft weights.
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ class AlignConfig:
     prompts_files: list[str]  # grpo / rloo: JSONL rows with "prompt" (messages) and optional "answer"
     reward_model: str  # grpo / rloo, and dpo / kto / orpo with pairs: policy
     verifiable_reward_weight: float  # grpo / rloo: exact-answer reward; policy pairs: bonus for matching chosen
+    verified_pairs: bool  # policy pairs: a checkable prompt ('#### N') pairs a right sample over a wrong one, or none
     beta: float  # KL strength (dpo / kto / grpo / rloo); the odds-ratio weight for orpo
     sft_weight: float  # dpo: weight of an SFT term (NLL of the chosen reply) added to the DPO loss (0 = pure DPO)
     generation: GenerationConfig
