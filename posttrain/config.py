@@ -82,7 +82,7 @@ class AdapterConfig:
     """How much of the model a fine-tuning stage trains (`method`) and the PEFT settings."""
 
     method: Literal[
-        "full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"
+        "full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"
     ]
     freeze_train_top_k: int  # method=freeze: train only the top k decoder layers (+ final norm)
     lora_r: int
@@ -90,6 +90,10 @@ class AdapterConfig:
     lora_dropout: float
     target_modules: list[str]
     num_virtual_tokens: int  # prompt_tuning / prefix_tuning / p_tuning
+    # bottleneck (posttrain.bottleneck): down to hidden // reduction_factor, nonlinearity, up (zero-initialised)
+    reduction_factor: int = 16
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # houlsby: after attention and MLP; pfeiffer: MLP only
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -92,12 +92,18 @@ class TrainingStage:
 def make_trainable(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM", head: str | None = None,
                    trainer_applies_peft: bool = False):
     """The model as `adapter.method` trains it: freeze: all but the top layers frozen; a PEFT method: wrapped in
-    it (get_peft_model); full: as it is. `head` names a new module that always trains and, under PEFT, is saved
-    with the adapter (the reward model's score head).
+    it (get_peft_model); bottleneck: frozen, with adapters attached (posttrain.bottleneck); full: as it is.
+    `head` names a new module that always trains and, under PEFT, is saved with the adapter (the reward model's
+    score head).
 
     trainer_applies_peft: return (model, peft config or None) and leave the wrapping to the trainer (TRL's
     preference and RL trainers, whose reference is then the model with the adapter off).
     """
+    if adapter.method == "bottleneck":  # our own adapter module, not peft: the trainer gets no peft config
+        from posttrain import bottleneck
+
+        model = bottleneck.make_trainable(model, adapter, head=head)
+        return (model, None) if trainer_applies_peft else model
     apply_freeze(model, adapter)
     if head is not None and adapter.method == "freeze":
         getattr(model, head).weight.requires_grad = True

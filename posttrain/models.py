@@ -3,7 +3,8 @@
 A stage's output folder holds either a full model (safetensors) or only a PEFT adapter whose
 `base_model_name_or_path` points at the folder it was trained on. `load_model` follows that chain
 (models/sft -> models/cpt -> models/base), merging LoRA-family adapters on the way, so any stage can
-load any earlier stage's result without keeping a second full copy on disk.
+load any earlier stage's result without keeping a second full copy on disk. A bottleneck adapter
+(posttrain.bottleneck, our own module in the same folder layout) is attached, never merged.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import AdapterConfig
+from posttrain import bottleneck
+from posttrain.config import AdapterConfig, StageError
 from posttrain.files import missing_input, producer
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -79,6 +81,10 @@ def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = F
 
     base_path = base_of_adapter(path)
     base = load_model(base_path, merge=True, trust_remote_code=trust_remote_code, dtype=dtype)
+    if bottleneck.is_bottleneck_dir(path):  # not mergeable: it stays as a frozen module (posttrain.bottleneck)
+        if hasattr(base, "peft_config"):
+            raise RuntimeError(f"{path}: a bottleneck adapter over a prompt-learning adapter is not supported")
+        return bottleneck.load(base, path)
     model = PeftModel.from_pretrained(base, path)
     if merge and not model.peft_config["default"].is_prompt_learning:
         return model.merge_and_unload()
@@ -108,7 +114,7 @@ def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     import peft
 
     m = adapter.method
-    if m in ("full", "freeze"):
+    if m in ("full", "freeze", "bottleneck"):  # bottleneck: our own module, not peft (posttrain.bottleneck)
         return None
     if m == "qlora":
         require_qlora()
@@ -157,6 +163,10 @@ def load_for_training(path: str | Path, adapter: AdapterConfig, trust_remote_cod
     if hasattr(model, "peft_config"):
         raise RuntimeError(f"{path} is a prompt-learning adapter; a later stage cannot train on top of it. "
                            "Use a LoRA-family or full method upstream.")
+    if adapter.method in ("full", "freeze") and bottleneck.carries(model):
+        raise StageError(f"{path} carries a bottleneck adapter, which cannot be merged into the weights a "
+                         f"method={adapter.method} stage trains and saves: use bottleneck or a LoRA-family method "
+                         "for this stage, or another method upstream")
     return model
 
 
@@ -204,10 +214,13 @@ def _point_adapter_at(model, out_dir: str | Path, base_path: str | Path) -> None
     """A PEFT model's adapter names `base_path` as its base: relative to the adapter's own folder where it is
     local (out_dir is a sibling-renamed temp dir of the final one), so the chain resolves from any working
     directory and in any clone."""
-    if hasattr(model, "peft_config"):
+    if hasattr(model, "peft_config") or bottleneck.carries(model):
         local = Path(base_path).exists()
         base = os.path.relpath(Path(base_path).resolve(), Path(out_dir).resolve()) if local else str(base_path)
-        model.peft_config["default"].base_model_name_or_path = base
+        if hasattr(model, "peft_config"):
+            model.peft_config["default"].base_model_name_or_path = base
+        else:
+            bottleneck.point_at(model, base)
 
 
 def param_count(path: str | Path) -> int:

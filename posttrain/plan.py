@@ -5,8 +5,8 @@
 
 Reads params.yaml (never writes): for each training stage, its model's shape (config.json of a built or
 Hugging Face model, or `base.tiny` before the base stage has run), precision, batch size, max_length and
-adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning) it prints
-the parts of posttrain.memory.estimate and the largest batch that fits `--budget-gib`.
+adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning,
+bottleneck) it prints the parts of posttrain.memory.estimate and the largest batch that fits `--budget-gib`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MiB = 2**20
-METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning",
+           "bottleneck")
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 # Bytes autograd keeps per token, per decoder layer, for each unit of a dimension: hidden h, query width
@@ -34,7 +35,8 @@ HEAD_PER_H = 12  # final norm and the hidden states the fused LM head keeps, fp3
 # Activation share of a method relative to full fine-tuning (frozen linear layers save no input for a weight grad;
 # DoRA keeps the weight-norm terms). freeze is handled exactly: only the top k layers save anything.
 METHOD_ACT = {"full": 1.0, "freeze": 1.0, "lora": 0.9, "qlora": 0.9, "dora": 1.8, "ia3": 1.15,
-              "prompt_tuning": 1.15, "prefix_tuning": 1.15, "p_tuning": 1.15}
+              "prompt_tuning": 1.15, "prefix_tuning": 1.15, "p_tuning": 1.15,
+              "bottleneck": 0.95}  # bottleneck: not measured; frozen layers as LoRA, plus each adapter's input
 # Besides what it saves, the step holds the temporaries of the layer it is in (norm upcasts, MLP products):
 # tensors (torch.profiler's allocator totals, the quantity CUDA's max allocated counts), measured at 0.27 (fp32)
 # and 0.42 (bf16 autocast) layers' worth of saved activations (Llama 4 x 256 blocks, 2048 and 8192 tokens).
@@ -116,6 +118,10 @@ def trainable_params(shape: Shape, method: str, adapter) -> int:
         return n + (L * sum(b for _, b in dims) if method == "dora" else 0)  # DoRA: a magnitude per output
     if method == "ia3":
         return L * sum(a if m == "down_proj" else b for m, (a, b) in zip(targets, dims))
+    if method == "bottleneck":  # posttrain.bottleneck: down + up projections with biases per insertion
+        from posttrain.bottleneck import insertions, params_per_insertion
+
+        return insertions(L, adapter.placement) * params_per_insertion(h, adapter.reduction_factor)
     if method == "prompt_tuning":
         return adapter.num_virtual_tokens * h
     if method == "prefix_tuning":
@@ -301,7 +307,9 @@ def trainer_estimate(trainer) -> dict:
     else:
         seq = _longest_row(trainer, max_length) or max_length or 512
     method = "full"
-    if hasattr(model, "peft_config"):
+    if getattr(base, "bottleneck_adapters", None) and base.bottleneck_adapters[-1]["trainable"]:
+        method = "bottleneck"
+    elif hasattr(model, "peft_config"):
         pc = model.peft_config["default"]
         name = type(pc).__name__
         method = {"LoraConfig": "dora" if getattr(pc, "use_dora", False) else "lora", "IA3Config": "ia3",
@@ -334,6 +342,8 @@ class AdapterShape:
     num_virtual_tokens: int
     target_modules: tuple = ()
     lora_r: int = 0
+    reduction_factor: int = 16
+    placement: str = "houlsby"
 
 
 def _layers_trained(model) -> int | None:
