@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from posttrain.markdown import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,16 +64,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    """A Markdown table (pasteable into the README)."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return str(v)
+def figure(v) -> str:
+    """A benchmark figure: thousands without decimals, smaller values to 3 significant digits."""
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table of figures (pasteable into the README)."""
+    return markdown_table(headers, rows, cell=figure)
 
 
 def run_worker(module: str, args: list[str], env: dict | None = None, timeout: float | None = None) -> dict:

@@ -17,6 +17,7 @@ import fnmatch
 from datetime import datetime
 
 from posttrain.config import PARAMS_FILE, ConfigError, TrackingConfig, build, read_params
+from posttrain.markdown import markdown_table
 from posttrain.tracking import tracking_uri
 
 
@@ -70,12 +71,6 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])])
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m posttrain.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--last", type=int, default=5, help="how many lifecycles, newest last (default 5)")
@@ -90,7 +85,8 @@ def main(argv: list[str] | None = None) -> str:
     runs = lifecycles(tracking, args.last)
     if not runs:
         raise SystemExit(f"no lifecycle runs in MLflow experiment '{tracking.experiment}' at {tracking_uri(tracking.uri)}")
-    text = markdown(table(runs, args.metrics))
+    header, *rows = table(runs, args.metrics)
+    text = markdown_table(header, rows, cell=str, padded=True)
     print(text)
     return text
 

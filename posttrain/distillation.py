@@ -13,6 +13,7 @@ from pathlib import Path
 from posttrain.config import StageError
 from posttrain.distributed import cached_rows, split_work
 from posttrain.files import read_jsonl
+from posttrain.markdown import markdown_table
 from posttrain.scoring import answer_perplexity, generate, generation_speed
 from posttrain.suites import SUITES, score_model
 
@@ -68,15 +69,10 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 def write_report(path: str, table: dict[str, dict], samples: list[tuple]) -> None:
     cols = ("perplexity", "instruction_em", "cot_accuracy", "refusal_rate", "over_refusal_rate", "params")
-    lines = ["# Distillation: teacher vs student", "", "| model | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                                                 for c in cols) + " |")
-    esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
-    lines += ["", "## Sample generations", "", "| suite | prompt | teacher | student | reference |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {s} | {esc(p)} | {esc(t)} | {esc(g)} | {esc(a)} |" for s, p, t, g, a in samples]
+    lines = ["# Distillation: teacher vs student", "",
+             markdown_table(["model", *cols], [[name, *(row[c] for c in cols)] for name, row in table.items()]),
+             "", "## Sample generations", "",
+             markdown_table(["suite", "prompt", "teacher", "student", "reference"], samples, cell=str)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 

@@ -8,17 +8,11 @@ from pathlib import Path
 import yaml
 
 from posttrain.lineage import base_model_id
+from posttrain.markdown import markdown_table
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_METRICS = (("instruction_em", "exact_match"), ("cot_accuracy", "accuracy"), ("refusal_rate", "refusal_rate"),
                 ("perplexity", "perplexity"))
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; floats to 3 decimals."""
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows)])
 
 
 def evaluation_table(table: dict[str, dict], highlight: str | None) -> str:

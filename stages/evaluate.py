@@ -23,6 +23,7 @@ from posttrain.cli import run_stage
 from posttrain.config import ConfigError, TrackingConfig
 from posttrain.decoding import DecodeConfig
 from posttrain.files import read_jsonl, write_json
+from posttrain.markdown import markdown_table
 from posttrain.models import load_model, load_tokenizer, local_path
 from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
 from posttrain.runtime import set_seed, set_threads
@@ -150,25 +151,20 @@ def _cell(row: dict, column: str) -> str:
 def write_report(path: str, table: dict[str, dict], samples: dict[str, list], reference: str = "",
                  judged: dict[str, list] | None = None, cols: tuple[str, ...] = COLUMNS,
                  paired: tuple[str, ...] = PAIRED) -> None:
-    lines = ["# Evaluation", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in cols) + " |")
+    lines = ["# Evaluation", "", markdown_table(["model", *cols], [[name, *(_cell(row, c) for c in cols)]
+                                                                  for name, row in table.items()])]
     first = next(iter(table.values()), {})
     sizes = ", ".join(f"{m} n={r['n']}" for m, r in first.get("rates", {}).items())
     lines += ["", f"Rates with their 95 % Wilson interval [low, high]; {sizes}. A difference between two models is "
               "real when McNemar's test on the same items says so (below), not when a third decimal differs."]
     if reference:
+        def vs_reference(r: dict) -> str:
+            return "n/a" if r.get("p_vs_reference") is None else f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}"
+
         lines += ["", f"## Against {reference} (the same items)", "",
-                  "| model | " + " | ".join(f"{m}: diff, p" for m in paired) + " |", "|---" * (len(paired) + 1) + "|"]
-        for name, row in table.items():
-            if name == reference:
-                continue
-            cells = []
-            for m in paired:
-                r = row.get("rates", {}).get(m, {})
-                cells.append("n/a" if r.get("p_vs_reference") is None else
-                             f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                  markdown_table(["model", *(f"{m}: diff, p" for m in paired)],
+                                 [[name, *(vs_reference(row.get("rates", {}).get(m, {})) for m in paired)]
+                                  for name, row in table.items() if name != reference])]
         lines += ["", f"reward_score: mean reward-model score of the model's answers to the held-out preference "
                   f"prompts; win_rate: share of those prompts where it beats {reference}'s answer (ties half), "
                   "with a 95 % bootstrap interval over the prompts; against the reference its diff is from 0.5 and its "
@@ -176,13 +172,11 @@ def write_report(path: str, table: dict[str, dict], samples: dict[str, list], re
                   f"kl_to_ref: KL(model || {reference}) summed over the answer's tokens, mean per prompt (nats). "
                   "prefers_chosen: share of the held-out human-labelled pairs where the model itself gives the "
                   "chosen reply the higher mean log-likelihood per token (no judge involved)."]
-    lines += ["", "## Sample generations", "", "| model | suite | prompt | generation | reference |",
-              "|---|---|---|---|---|"]
-    esc = lambda t: str(t).replace("|", "\\|").replace("\n", " ⏎ ")  # noqa: E731
-    for name, rows in samples.items():
-        lines += [f"| {name} | {s} | {esc(p)} | {esc(g)} | {esc(a)} |" for s, p, g, a in rows]
-    for name, rows in (judged or {}).items():
-        lines += [f"| {name} | preference | {esc(p)} | {esc(g)} | reward {r:.2f} |" for p, g, r in rows]
+    generations = [[name, *row] for name, rows in samples.items() for row in rows]
+    generations += [[name, "preference", p, g, f"reward {r:.2f}"] for name, rows in (judged or {}).items()
+                    for p, g, r in rows]
+    lines += ["", "## Sample generations", "",
+              markdown_table(["model", "suite", "prompt", "generation", "reference"], generations, cell=str)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 
