@@ -39,8 +39,9 @@ from pathlib import Path
 
 from posttrain.generate import load
 from posttrain.runtime import set_seed
+from posttrain.stages_registry import names
 
-LINEAGE = ("base", "cpt", "sft", "rft", "align", "distill", "export")  # models/<stage> folders, upstream first
+LINEAGE = names(chat_model=True)  # models/<stage> folders, upstream first
 VOTES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 
 

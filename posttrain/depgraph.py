@@ -4,7 +4,9 @@
     python -m posttrain.depgraph --check    # exit 1 and name the difference if dvc.yaml has drifted
 
 A stage's code deps are its module's import closure within the repository (every `import` in the file,
-function-level ones too), so editing a module re-runs exactly the stages that can execute it.
+function-level ones too), so editing a module re-runs exactly the stages that can execute it. The check also
+holds dvc.yaml to the stage registry (posttrain.stages_registry): the same stages, and each stage's `defaults.*`
+params the shared blocks the registry says it reads.
 """
 
 from __future__ import annotations
@@ -127,6 +129,24 @@ def differences(root: Path, dvc_text: str) -> list[str]:
     return problems
 
 
+def registry_differences(dvc_text: str) -> list[str]:
+    """Where dvc.yaml's stages or their `defaults.<block>` params disagree with posttrain.stages_registry."""
+    import yaml
+
+    from posttrain.stages_registry import BY_NAME
+
+    stages = yaml.safe_load(dvc_text)["stages"]
+    problems = [f"{name}: in dvc.yaml, not in posttrain/stages_registry.py" for name in stages if name not in BY_NAME]
+    problems += [f"{name}: in posttrain/stages_registry.py, not in dvc.yaml" for name in BY_NAME if name not in stages]
+    for name in (n for n in stages if n in BY_NAME):
+        listed = {p.removeprefix("defaults.") for p in stages[name].get("params", [])
+                  if isinstance(p, str) and p.startswith("defaults.")}
+        if listed != set(BY_NAME[name].shared):
+            problems.append(f"{name}: dvc.yaml params read defaults {sorted(listed)}, "
+                            f"the registry says {sorted(BY_NAME[name].shared)}")
+    return problems
+
+
 def rewrite(dvc_text: str, deps: dict[str, list[str]]) -> str:
     """dvc.yaml with each stage's `deps: [...]` line replaced (one line per stage, comments kept)."""
     out, stage = [], None
@@ -150,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     root, dvc_file = Path("."), Path(args.dvc_file)
     text = dvc_file.read_text()
     if args.check:
-        problems = differences(root, text)
+        problems = differences(root, text) + registry_differences(text)
         for p in problems:
             print(p)
         print("dvc.yaml's code deps equal each stage's import closure" if not problems else

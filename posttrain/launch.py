@@ -2,10 +2,10 @@
 
 params.yaml `launch.config` is "" (one plain process: `python -m stages.sft` runs the stage itself) or an
 accelerate config file shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); every training
-stage (TRAINING_STAGES: `python -m stages.<stage>`, what dvc.yaml runs) then re-executes itself (posttrain.cli)
-as `accelerate launch --config_file <config> [--num_processes N] -m stages.<stage>`. On a machine without CUDA
-the DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed need CUDA GPUs
-(accelerate would quietly fall back to DDP on CPU, so the launcher refuses instead).
+stage (launchable in posttrain.stages_registry: `python -m stages.<stage>`, what dvc.yaml runs) then re-executes
+itself (posttrain.cli) as `accelerate launch --config_file <config> [--num_processes N] -m stages.<stage>`. On a
+machine without CUDA the DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed
+need CUDA GPUs (accelerate would quietly fall back to DDP on CPU, so the launcher refuses instead).
 Every process runs the stage's own `run(cfg)`: the trainer shards the data across ranks and all-reduces
 the gradients, the work before training is shared out (posttrain.distributed), and only the main process
 writes outputs, metrics and MLflow runs (posttrain.files.is_main_process).
@@ -29,10 +29,10 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import PARAMS_FILE, ConfigError, StageError, load_config
+from posttrain.stages_registry import names
 
 GPU_ONLY = ("FSDP", "DEEPSPEED")
 LAUNCHED = "POSTTRAIN_LAUNCHED"  # set in the processes accelerate starts: they run the stage, not launch again
-TRAINING_STAGES = ("cpt", "sft", "reward", "judge", "align", "rft", "distill")  # each `run_stage(..., launchable=True)`
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m posttrain.launch", description=main.__doc__)
-    parser.add_argument("stage", choices=TRAINING_STAGES)
+    parser.add_argument("stage", choices=names(launchable=True))
     parser.add_argument("--num_machines", type=int, required=True)
     parser.add_argument("--machine_rank", type=int, required=True)
     parser.add_argument("--main_process_ip", required=True)

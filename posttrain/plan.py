@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from posttrain.memory.estimate import METHODS, AdapterShape, Shape, estimate, max_batch, shape_of
+from posttrain.stages_registry import names
 
-TRAINING_STAGES = ("cpt", "sft", "reward", "align", "rft", "distill")
+TRAINING_STAGES = names(trains=True)
 
 def stage_model_shape(stage: str, params: dict) -> tuple[Shape, str]:
     """(shape, where it came from) of the model `stage` trains, built or not yet built."""
@@ -66,7 +67,7 @@ def _tiny_shape(tiny: dict, vocab: int) -> Shape:
 
 
 def stage_kind(stage: str, section: dict) -> str:
-    if stage == "reward":
+    if stage in ("reward", "judge"):
         return "reward"
     if stage == "align":
         return {"dpo": "pairs", "orpo": "pairs", "kto": "sft"}.get(section["method"], "online")

@@ -14,6 +14,7 @@ import pytest
 
 from posttrain.config import AdapterConfig, TrackingConfig
 from posttrain.harness import TrainingStage, make_trainable
+from posttrain.stages_registry import names
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def test_make_trainable_trains_and_saves_a_new_head():
     assert "score" in lora.peft_config["default"].modules_to_save
 
 
-TRAINING_STAGES = ("cpt", "sft", "rft", "reward", "judge", "align", "distill")
+TRAINING_STAGES = names(trains=True)
 
 
 @pytest.mark.parametrize("name", TRAINING_STAGES)

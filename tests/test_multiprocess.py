@@ -168,11 +168,11 @@ def test_generation_before_training_is_shared_out_and_gathered_in_order(two_proc
 def test_every_training_stage_starts_through_launch():
     import yaml
 
-    from posttrain.launch import TRAINING_STAGES
+    from posttrain.stages_registry import names
 
     repo = Path(__file__).resolve().parent.parent
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    for stage in TRAINING_STAGES:
+    for stage in names(launchable=True):
         assert "launchable=True" in (repo / f"stages/{stage}.py").read_text(), stage
         assert "launch" in dvc[stage]["params"], stage  # changing how it launches re-runs it (the global batch changes)
 
