@@ -1,6 +1,6 @@
 """Text overlap between training data and eval suites, on normalised text.
 
-`normalise` is the one notion of "the same text" prepare uses to dedupe, split and decontaminate:
+`normalise_text` is the one notion of "the same text" prepare uses to dedupe, split and decontaminate:
 lowercase, every run of punctuation and whitespace folded into one space, numbers kept whole
 ("Sort: 3, 1.  Then 3.5!" -> "sort 3 1 then 3.5").
 
@@ -17,12 +17,12 @@ import statistics
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
 
 
-def normalise(text: str) -> str:
+def normalise_text(text: str) -> str:
     return " ".join(_TOKEN.findall(text.lower()))
 
 
 def tokens(text: str) -> list[str]:
-    return normalise(text).split()
+    return normalise_text(text).split()
 
 
 def ngrams(toks: list[str], n: int) -> set[str]:

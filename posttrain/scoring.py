@@ -91,12 +91,13 @@ def sample(model, tokenizer, prompts: list[list[dict]], k: int, temperature: flo
                           temperature=temperature, desc=desc)
 
 
-def normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """An answer as exact match compares it: trimmed, lowercase, whitespace folded, no trailing full stop."""
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
 def exact_match(prediction: str, answer: str) -> bool:
-    return normalise(prediction) == normalise(answer)
+    return normalise_answer(prediction) == normalise_answer(answer)
 
 
 def final_answer(text: str) -> str | None:

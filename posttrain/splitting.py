@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from posttrain.overlap import contains_any, normalise, overlap, probes, tokens
+from posttrain.overlap import contains_any, normalise_text, overlap, probes, tokens
 
 
 def user(text: str) -> list[dict]:
@@ -37,7 +37,7 @@ def text_of(messages: list[dict]) -> str:
 
 def key_of(kind: str, row: dict) -> str:
     """What makes two examples duplicates: the normalised text of a corpus document, else of the prompt."""
-    return normalise(row["text"] if kind == "corpus" else text_of(prompt_of(kind, row)))
+    return normalise_text(row["text"] if kind == "corpus" else text_of(prompt_of(kind, row)))
 
 
 def dedupe(kind: str, rows: list[dict]) -> list[dict]:

@@ -7,7 +7,7 @@
    before anything is written; with drop the bad rows are left out and listed in rejects.jsonl, unless a
    source's share of them exceeds max_bad_share (then it stops, as with stop);
 2. dedupe within each kind by normalised content: the prompt (the text for the corpus) lowercased, with
-   punctuation and whitespace folded and numbers kept (posttrain.overlap.normalise), first kept;
+   punctuation and whitespace folded and numbers kept (posttrain.overlap.normalise_text), first kept;
 3. split each kind into train / eval by each source's `split` (posttrain/splitting.py): `auto` (the default) by
    a seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
    heldout_* files); `train` every row trained on. At most max_eval_per_suite rows of a kind are held out:

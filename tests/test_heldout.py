@@ -1,7 +1,7 @@
 """The eval suites are held out by content, not by string: sample + prepare on the default data (test size),
 then every eval item, and every row of the sample's eval-only files, is looked for in every training file.
 
-An item "occurs" in training when its normalised form (posttrain.overlap.normalise: lowercase, punctuation and
+An item "occurs" in training when its normalised form (posttrain.overlap.normalise_text: lowercase, punctuation and
 whitespace folded, numbers kept) is a run of whole tokens inside the normalised text of a training row: an
 equal prompt, a longer prompt it begins ("reverse the words red fox cat" in "... red fox cat moon"), a document
 quoting it.
@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO, make_workdir, run_stage
 
 from posttrain.files import read_jsonl
-from posttrain.overlap import normalise
+from posttrain.overlap import normalise_text
 from posttrain.readers import read_source
 from stages.sample import HOWTO
 
@@ -53,8 +53,8 @@ def prompt(row: dict) -> str:
 
 def occurrences(items: list[str], texts: list[str]) -> list[str]:
     """The items whose normalised form occurs, as whole tokens, inside one of the normalised texts."""
-    joined = "\n".join(f" {normalise(t)} " for t in texts)  # a newline never occurs in a normalised text
-    return [i for i in items if f" {normalise(i)} " in joined]
+    joined = "\n".join(f" {normalise_text(t)} " for t in texts)  # a newline never occurs in a normalised text
+    return [i for i in items if f" {normalise_text(i)} " in joined]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,8 @@ def test_held_out_arithmetic_and_acts_never_reach_training(prepared):
     eval_acts = {act(r["prompt"]) for r in prepared["heldout"]["heldout_refusals.jsonl"]}
     assert train_acts and None not in eval_acts and not train_acts & eval_acts
 
-    completions = {normalise(r["completion"][0]["content"]) for r in prepared["train"]["sft_train.jsonl"]}
-    rationales = [normalise(r["rationale"]) for r in prepared["heldout"]["heldout_cot.csv"]]
+    completions = {normalise_text(r["completion"][0]["content"]) for r in prepared["train"]["sft_train.jsonl"]}
+    rationales = [normalise_text(r["rationale"]) for r in prepared["heldout"]["heldout_cot.csv"]]
     assert not any(c.startswith(r) for c in completions for r in rationales)
 
 
