@@ -15,7 +15,7 @@ from dataclasses import dataclass
 class Stage:
     name: str  # the dvc.yaml stage and its module, stages/<name>.py
     trains: bool = False  # fits a model with a trainer: posttrain.plan estimates its memory
-    launchable: bool = False  # `run_stage(..., launchable=True)`: re-executes under accelerate launch (posttrain.launch)
+    launchable: bool = False  # `run_stage(..., launchable=True)`: re-executes under accelerate launch
     shared: tuple[str, ...] = ()  # the params.yaml `defaults` blocks it reads (adapter, train, decode)
     chat_model: bool = False  # writes a chat model to models/<name>: one of the lineage the arena and evaluate compare
 

@@ -159,7 +159,9 @@ def write_report(path: str, table: dict[str, dict], samples: dict[str, list], re
               "real when McNemar's test on the same items says so (below), not when a third decimal differs."]
     if reference:
         def vs_reference(r: dict) -> str:
-            return "n/a" if r.get("p_vs_reference") is None else f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}"
+            if r.get("p_vs_reference") is None:
+                return "n/a"
+            return f"{r['diff_vs_reference']:+.3f}, p={r['p_vs_reference']:.3f}"
 
         lines += ["", f"## Against {reference} (the same items)", "",
                   markdown_table(["model", *(f"{m}: diff, p" for m in paired)],
