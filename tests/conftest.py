@@ -54,18 +54,14 @@ TINY = {
 }
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def tiny_params(**overrides) -> dict:
+    """params.yaml with TINY and then `overrides` laid over it (posttrain.config.overlaid), a copy of its own."""
+    from posttrain.config import overlaid
+
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = deep_merge(params, {k: v for k, v in TINY.items() if k in params})
+    params = overlaid(params, {k: v for k, v in TINY.items() if k in params})
     params["tracking"]["log_models"] = False
-    return deep_merge(params, overrides)
+    return copy.deepcopy(overlaid(params, overrides))
 
 
 def make_workdir(path: Path, params: dict | None = None) -> Path:
@@ -81,7 +77,7 @@ def make_workdir(path: Path, params: dict | None = None) -> Path:
     return path
 
 
-def run_stage(name: str, workdir: Path):
+def run_in_process(name: str, workdir: Path):
     """Run stage `name` in-process from `workdir` with that dir's params.yaml; return its metrics."""
     import importlib
     import typing
@@ -151,7 +147,7 @@ def lifecycle(tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
     try:
-        metrics = {s: run_stage(s, workdir) for s in ("sample", "prepare", "base", "cpt", "sft")}
+        metrics = {s: run_in_process(s, workdir) for s in ("sample", "prepare", "base", "cpt", "sft")}
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.config import ConfigError, load_config
 from posttrain.readers import DataError
@@ -33,11 +33,11 @@ def jsonl(path: Path, rows: list) -> Path:
 
 
 def run_in_fixture(stage: str, workdir: Path):
-    """run_stage from a module fixture (the per-test MLflow isolation is not active there)."""
+    """run_in_process from a module fixture (the per-test MLflow isolation is not active there)."""
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
     try:
-        return run_stage(stage, workdir)
+        return run_in_process(stage, workdir)
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -74,7 +74,7 @@ ONLINE = {"train": dict(FAST, max_steps=32, learning_rate=1e-2),
 def test_each_method_trains_and_moves_its_metric(trained, tmp_path, method, key, better):
     settings = OFFLINE if method in ("dpo", "kto", "orpo") else ONLINE
     wd = workdir_from(trained, tmp_path / "wd", align={"method": method, **settings})
-    metrics = run_stage("align", wd)
+    metrics = run_in_process("align", wd)
     first, last = metrics[f"train_{key}_first"], metrics[f"train_{key}_last"]
     assert (last > first) if better == "up" else (last < first), (key, first, last)
     assert metrics["method"] == method and metrics["peak_memory_mb"] > 0
@@ -87,7 +87,7 @@ def test_policy_pairs_are_the_models_samples_ranked_by_the_reward_model(trained,
     wd = workdir_from(trained, tmp_path / "wd", align={
         "method": "dpo", "pairs": "policy", "train_file": "data/pairs.jsonl", "eval_file": "data/pairs.jsonl",
         "generation": {"num_generations": 3, "max_completion_length": 8}, "train": {"max_steps": 2}})
-    metrics = run_stage("align", wd)
+    metrics = run_in_process("align", wd)
     assert metrics["policy_prompts"] == 8 and 0 < metrics["policy_pairs"] <= 8 and metrics["policy_pair_gap"] > 0
     assert metrics["train_loss"] > 0 and (wd / "models/align/adapter_config.json").exists()
 
@@ -191,7 +191,7 @@ def test_align_stage_chains_its_adapter_onto_sft_without_touching_it(lora_chain,
     wd = workdir_from(lora_chain, tmp_path / "wd", sft={"adapter": {"method": "lora"}},
                       align={"method": "dpo", **OFFLINE})
     before = digest(wd / "models/sft")
-    metrics = run_stage("align", wd)
+    metrics = run_in_process("align", wd)
     assert digest(wd / "models/sft") == before
     config = json.loads((wd / "models/align/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "../sft"
@@ -209,7 +209,7 @@ def test_bad_pairs_stop_align_before_anything_is_written(trained, tmp_path):
     jsonl(wd / "data/bad.jsonl", [{"prompt": "What is 2 plus 2?", "chosen": "4", "rejected": "5"},
                                   {"prompt": "Hi", "chosen": "", "rejected": "Go away"}])
     with pytest.raises(DataError, match=r"^data/bad.jsonl line 2, column 'chosen': check 'non_empty' failed"):
-        run_stage("align", wd)
+        run_in_process("align", wd)
     assert not (wd / "models/align").exists() and not (wd / "metrics/align.json").exists()
     assert not (wd / "checkpoints").exists()
 
@@ -243,8 +243,8 @@ def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
     params["evaluate"]["models"] = {"sft": "models/sft", "aligned": "models/align"}  # replaced, not merged
     params["evaluate"]["reward_model"] = "models/reward"  # this fixture trains reward, not judge
     (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_stage("align", wd)
-    table = run_stage("evaluate", wd)
+    run_in_process("align", wd)
+    table = run_in_process("evaluate", wd)
     assert table["sft"]["win_rate"] == 0.5 and table["sft"]["kl_to_ref"] == 0.0
     assert 0 <= table["aligned"]["win_rate"] <= 1 and table["aligned"]["kl_to_ref"] > 0
     assert all(isinstance(table[m]["reward_score"], float) for m in table)

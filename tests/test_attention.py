@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 
 def _model(seed=0):
@@ -92,7 +92,7 @@ def test_torch_varlen_without_a_gpu_stops_sft_before_anything_is_written(lifecyc
     shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
     shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt", dirs_exist_ok=True)
     with pytest.raises(ValueError, match=r"attention: torch_varlen cannot run here: it needs a CUDA GPU"):
-        run_stage("sft", workdir)
+        run_in_process("sft", workdir)
     assert not (workdir / "models/sft_tv").exists() and not (workdir / "metrics/sft.json").exists()
     assert not (workdir / "checkpoints/sft").exists() and not (tmp_path / "mlflow.db").exists()  # no MLflow run
 
@@ -167,7 +167,7 @@ def test_sft_stage_with_packing_trains_and_saves_a_loadable_model(lifecycle, tmp
     workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "out_dir": "models/sft_packed"}))
     shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
     shutil.copytree(lifecycle["workdir"] / "models" / "cpt", workdir / "models" / "cpt", dirs_exist_ok=True)
-    metrics = run_stage("sft", workdir)
+    metrics = run_in_process("sft", workdir)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     config = json.loads((workdir / "models/sft_packed/config.json").read_text())
     assert "sdpa_varlen" not in json.dumps(config)  # a later stage's process needs no registration to load it

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.benchmarks import EMBEDDED, BenchmarkConfig, BenchmarkRunner, check, embedded_rows
 from posttrain.config import ConfigError, load_config
@@ -298,7 +298,7 @@ def test_evaluate_puts_benchmarks_and_text_scores_in_table_plot_report_and_mlflo
                          "chat_template": True, "max_new_tokens": 8},
     }
     work = evaluate_workdir(tmp_path / "w", tiny, params)
-    table = run_stage("evaluate", work)
+    table = run_in_process("evaluate", work)
 
     for row in table.values():
         for task, n in (("gsm8k", 4), ("arc_embedded", 6)):

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain import bottleneck
 from posttrain.config import AdapterConfig, StageError
@@ -117,7 +117,7 @@ def test_sft_stage_trains_a_bottleneck_and_a_later_stage_loads_the_chain(lifecyc
     work = make_workdir(tmp_path / "w", params)
     for name in ("data/processed", "models/base", "models/cpt"):
         shutil.copytree(lifecycle["workdir"] / name, work / name, dirs_exist_ok=True)
-    metrics = run_stage("sft", work)
+    metrics = run_in_process("sft", work)
     out = work / "models/sft"
     hidden, layers = params["base"]["tiny"]["hidden_size"], params["base"]["tiny"]["num_layers"]
     width = hidden // 8
@@ -133,7 +133,7 @@ def test_sft_stage_trains_a_bottleneck_and_a_later_stage_loads_the_chain(lifecyc
     params2 = tiny_params(sft={"model": "models/sft_bn", "adapter": {"method": "lora", "lora_r": 4, "lora_alpha": 8},
                                "train": {"max_steps": 2, "save_steps": 100}})
     (work / "params.yaml").write_text(__import__("yaml").safe_dump(params2, sort_keys=False))
-    later = run_stage("sft", work)
+    later = run_in_process("sft", work)
     assert later["method"] == "lora"
     model, tokenizer = load_model(work / "models/sft"), load_tokenizer(work / "models/sft")
     assert bottleneck.carries(model)  # the bottleneck is in the loaded model, the LoRA merged

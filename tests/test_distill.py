@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 # The tiny lifecycle's models are barely trained (greedy answers are whitespace, which the stage drops), so
 # the teacher here is its sft model overfitted on 16 examples (the `teacher` fixture): non-empty answers.
@@ -48,7 +48,7 @@ def teacher(lifecycle, tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{wd}/mlflow.db"
     try:
-        run_stage("sft", wd)
+        run_in_process("sft", wd)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.update(MLFLOW_TRACKING_URI=old)
     return wd
@@ -81,7 +81,7 @@ def assert_distilled(wd: Path, metrics: dict, gain: float) -> None:
 
 def test_sequence_distillation_beats_an_untrained_student(teacher, tmp_path):
     wd = workdir_from(teacher, tmp_path / "wd", method="sequence")
-    metrics = run_stage("distill", wd)
+    metrics = run_in_process("distill", wd)
     assert metrics["method"] == "sequence" and metrics["n_train_rows"] > 0
     assert_distilled(wd, metrics, gain=0.5)
 
@@ -91,7 +91,7 @@ def test_logits_distillation_beats_an_untrained_student(teacher, tmp_path, share
     # 0.5: GKDTrainer mixes the student's samples with the teacher's answers; 1.0: DistillationTrainer
     wd = workdir_from(teacher, tmp_path / "wd", method="logits",
                       logits={"on_policy_share": share, "temperature": 1.0, "beta": 0.5})
-    metrics = run_stage("distill", wd)
+    metrics = run_in_process("distill", wd)
     assert metrics["method"] == "logits"
     assert_distilled(wd, metrics, gain=0.75)  # the bounded JSD moves a fresh student more slowly
 
@@ -155,7 +155,7 @@ def test_missing_teacher_stops_with_a_clear_message(teacher, tmp_path):
 
     wd = workdir_from(teacher, tmp_path / "wd", teacher="models/align")
     with pytest.raises(DistillError, match="distill.teacher 'models/align' not found"):
-        run_stage("distill", wd)
+        run_in_process("distill", wd)
     assert_nothing_written(wd)
     assert _no_distill_run()
 
@@ -165,12 +165,12 @@ def test_empty_prompt_set_stops_with_a_clear_message(teacher, tmp_path):
 
     wd = workdir_from(teacher, tmp_path / "wd", prompt_files=["data/processed/eval_cot.jsonl"])
     with pytest.raises(DistillError, match="prompt set is empty"):
-        run_stage("distill", wd)  # every prompt there is held out for evaluation
+        run_in_process("distill", wd)  # every prompt there is held out for evaluation
     assert_nothing_written(wd)
     wd2 = workdir_from(teacher, tmp_path / "wd2", prompt_files=["data/empty.jsonl"])
     (wd2 / "data/empty.jsonl").write_text("")
     with pytest.raises(DistillError, match="prompt set is empty"):
-        run_stage("distill", wd2)
+        run_in_process("distill", wd2)
     assert_nothing_written(wd2)
     assert _no_distill_run()
 
@@ -186,7 +186,7 @@ def test_logits_with_another_tokenizer_stops_before_training(teacher, tmp_path):
     tok.add_tokens(["<extra-token>"])
     tok.save_pretrained(wd / "models/other")
     with pytest.raises(DistillError, match="share the teacher's tokenizer"):
-        run_stage("distill", wd)
+        run_in_process("distill", wd)
     assert_nothing_written(wd)
     assert _no_distill_run()
 
@@ -203,7 +203,7 @@ def test_a_teacher_with_only_empty_answers_stops(teacher, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(wd / "models/teacher" / f, wd / "models/mute")
     with pytest.raises(DistillError, match="gave an empty answer to every prompt"):
-        run_stage("distill", wd)
+        run_in_process("distill", wd)
     assert_nothing_written(wd)
     assert _no_distill_run()
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import REPO, flags, make_workdir, run_stage, tiny_params, write_evaluation
+from conftest import REPO, flags, make_workdir, run_in_process, tiny_params, write_evaluation
 
 NAME = "tiny-student"
 N = 40
@@ -49,10 +49,10 @@ def exported(lifecycle, tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        run_stage("sft", wd)  # models/sft is now an adapter over models/cpt
-        first = run_stage("export", wd)
+        run_in_process("sft", wd)  # models/sft is now an adapter over models/cpt
+        first = run_in_process("export", wd)
         card_first = (wd / "models/export/README.md").read_text()
-        second = run_stage("export", wd)
+        second = run_in_process("export", wd)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.update(MLFLOW_TRACKING_URI=old)
     return {"workdir": wd, "uri": uri, "first": first, "second": second, "card_first": card_first}
@@ -169,7 +169,7 @@ def test_bad_input_stops_and_writes_nothing(lifecycle, tmp_path, override, messa
     shutil.copytree(lifecycle["workdir"] / "models", wd / "models", dirs_exist_ok=True)
     write_evaluation(wd, OUTCOMES, EXTRA)
     with pytest.raises(ExportError, match=message):
-        run_stage("export", wd)
+        run_in_process("export", wd)
     assert not (wd / "models/export").exists() and not (wd / "metrics/export.json").exists()
     uri = os.environ["MLFLOW_TRACKING_URI"]  # this test's own store
     assert mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models() == []
@@ -197,7 +197,7 @@ def test_a_model_that_fails_the_gate_is_not_promoted(exported, tmp_path, monkeyp
     with pytest.raises(ExportError, match=r"no model passed the promotion gate, nothing promoted \(alias candidate "
                                           r"stays at version 2\): base: instruction_em 0.000 vs sft: -0.250, p=.*"
                                           r"significantly worse"):
-        run_stage("export", wd)
+        run_in_process("export", wd)
     assert not (wd / "models/export").exists()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{wd}/mlflow.db", registry_uri=f"sqlite:///{wd}/mlflow.db")
     assert int(client.get_model_version_by_alias(NAME, "candidate").version) == 2
@@ -223,7 +223,7 @@ def test_auto_ships_the_best_model_that_passes(exported, tmp_path, monkeypatch):
             "rules": [{"metric": "instruction_em", "test": "not_worse"}, {"metric": "cot_accuracy", "test": "not_worse"},
                       {"metric": "refusal_rate", "test": "at_least", "value": 0.8}]}
     wd = gate_workdir(exported, tmp_path, monkeypatch, model="auto", gate=gate)
-    metrics = run_stage("export", wd)
+    metrics = run_in_process("export", wd)
     # base fails (significantly worse); cpt and sft pass, and cpt's CoT accuracy 5/40 beats sft's 4/40
     assert metrics["promoted"] is True and metrics["model"] == "cpt" and metrics["source"] == "models/cpt"
     assert metrics["version"] == 3 and [m["passed"] for m in metrics["gate"]["models"].values()] == [False, True, True]

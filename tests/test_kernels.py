@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 
 def test_auto_keeps_torch_ops_where_liger_cannot_run():
@@ -46,7 +46,7 @@ def test_liger_without_a_gpu_stops_the_stage_before_anything_is_written(lifecycl
     shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)
     shutil.copytree(lifecycle["workdir"] / "models" / upstream, workdir / "models" / upstream, dirs_exist_ok=True)
     with pytest.raises(ValueError, match=r"kernels: liger cannot run here: .*need a CUDA GPU"):
-        run_stage(stage, workdir)
+        run_in_process(stage, workdir)
     assert not (workdir / f"models/{stage}_lg").exists() and not (workdir / f"metrics/{stage}.json").exists()
     assert not (workdir / f"checkpoints/{stage}").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -131,7 +131,7 @@ def test_compile_trains_the_stage_compiled_and_saves_the_plain_model(lifecycle, 
     torch._dynamo.reset()
     counters.clear()
     try:
-        metrics = run_stage(stage, workdir)
+        metrics = run_in_process(stage, workdir)
         compiled_graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()  # later tests run uncompiled models

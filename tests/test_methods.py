@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.models import is_adapter_dir, load_model, load_tokenizer
 
@@ -27,7 +27,7 @@ def sft_workdir(lifecycle, path, method: str):
 @pytest.mark.parametrize("method", METHODS)
 def test_method_trains_and_its_output_loads(lifecycle, tmp_path, method):
     work = sft_workdir(lifecycle, tmp_path, method)
-    metrics = run_stage("sft", work)
+    metrics = run_in_process("sft", work)
     out = work / "models/sft"
     assert metrics["method"] == method
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
@@ -52,7 +52,7 @@ def test_qlora_without_gpu_says_why_and_writes_nothing(lifecycle, tmp_path):
         pytest.skip("a GPU is present: qlora is allowed here")
     work = sft_workdir(lifecycle, tmp_path, "qlora")
     with pytest.raises(RuntimeError, match="method=qlora needs a CUDA GPU"):
-        run_stage("sft", work)
+        run_in_process("sft", work)
     assert not (work / "models/sft").exists()
 
 
@@ -63,7 +63,7 @@ def test_base_loads_a_local_model_and_adds_a_chat_template(lifecycle, tmp_path):
     tok_cfg.write_text(tok_cfg.read_text().replace('"chat_template"', '"_unused_template"'))
     (local / "chat_template.jinja").unlink(missing_ok=True)
     work = make_workdir(tmp_path / "w", tiny_params(base={"source": str(local)}))
-    metrics = run_stage("base", work)
+    metrics = run_in_process("base", work)
     assert metrics["params"] > 0
     tokenizer = load_tokenizer(work / "models/base")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)

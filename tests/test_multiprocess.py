@@ -83,7 +83,7 @@ def _env(work: Path) -> dict:
 @pytest.fixture(scope="module")
 def two_process_stages(lifecycle, tmp_path_factory):
     """reward, align (policy pairs), rft and distill, each once through `python -m stages.<stage>` on 2 processes."""
-    from conftest import run_stage
+    from conftest import run_in_process
 
     built = lifecycle["workdir"]
     work = make_workdir(tmp_path_factory.mktemp("ddp_stages"), tiny_params(launch=DDP, sft=MEMORISE, **LATER))
@@ -93,7 +93,7 @@ def two_process_stages(lifecycle, tmp_path_factory):
     (work / COT).write_text("\n".join(rows[:4]) + "\n")
     with pytest.MonkeyPatch.context() as mp:  # one plain process, in this one (the per-test MLflow store is not set up)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-        run_stage("sft", work)
+        run_in_process("sft", work)
     procs = {stage: subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=_env(work),
                                    capture_output=True, text=True, timeout=600) for stage in LATER}
     return {"work": work, "procs": procs}

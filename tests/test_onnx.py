@@ -11,7 +11,7 @@ import os
 import shutil
 
 import pytest
-from conftest import flags, make_workdir, run_stage, tiny_params, write_evaluation
+from conftest import flags, make_workdir, run_in_process, tiny_params, write_evaluation
 
 NAME = "tiny-onnx"
 SFT = {"instruction_em": flags(5, 20), "cot_accuracy": flags(2, 20), "refusal_rate": flags(18, 20),
@@ -44,7 +44,7 @@ def exported(lifecycle, tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{wd}/mlflow.db"
     try:
-        metrics = run_stage("export", wd)
+        metrics = run_in_process("export", wd)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI") if old is None else os.environ.update(MLFLOW_TRACKING_URI=old)
     return {"workdir": wd, "metrics": metrics}
@@ -101,7 +101,7 @@ def test_a_failed_onnx_export_stops_the_stage_and_writes_nothing(lifecycle, tmp_
     monkeypatch.setattr(OnnxExporter, "export_program", fail)
     wd = workdir(lifecycle, tmp_path / "wd", onnx_params())
     with pytest.raises(ExportError, match=r"exporting models/sft to ONNX failed, nothing was written .*frobnicate"):
-        run_stage("export", wd)
+        run_in_process("export", wd)
     assert_nothing_written(wd)
 
 
@@ -124,7 +124,7 @@ def test_greedy_tokens_that_differ_stop_the_stage(exported, lifecycle, tmp_path,
     monkeypatch.setattr(ox.OnnxCausalLM, "generate", off_by_one)
     wd = workdir(lifecycle, tmp_path / "wd", onnx_params())
     with pytest.raises(ExportError, match=r"differ from torch's on 3 of 3 export.onnx.check_prompts"):
-        run_stage("export", wd)
+        run_in_process("export", wd)
     assert_nothing_written(wd)
 
 
@@ -139,6 +139,6 @@ def test_bad_onnx_params_stop_before_anything_is_written(lifecycle, tmp_path, on
 
     wd = workdir(lifecycle, tmp_path / "wd", onnx_params(**onnx))
     with pytest.raises(ExportError, match=message):
-        run_stage("export", wd)
+        run_in_process("export", wd)
     assert_nothing_written(wd)
 

@@ -8,6 +8,7 @@ improves it; the real profile's measured run is in docs/real-model.md.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -15,7 +16,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import REPO, deep_merge, make_workdir, run_stage
+from conftest import REPO, make_workdir, run_in_process
 
 from posttrain.config import overlaid
 
@@ -51,7 +52,7 @@ LINEAGE = ("sample", "prepare", "base", "cpt", "sft", "reward", "judge", "align"
 def real_params(**overrides) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     real = overlaid(params, yaml.safe_load((REPO / "profiles" / "real.yaml").read_text()))
-    params = deep_merge(deep_merge(real, SHORT), overrides)
+    params = copy.deepcopy(overlaid(overlaid(real, SHORT), overrides))
     # three of the lineage's models (the reference, the aligned one, the student): each more is a 135 M model to load
     params["evaluate"]["models"] = {"sft": "models/sft", "aligned": "models/align", "student": "models/distill"}
     params["export"]["gate"].update(candidates=["student", "aligned", "sft"], rules=[  # no floors: 2 steps refuse nothing
@@ -62,7 +63,7 @@ def real_params(**overrides) -> dict:
 @pytest.fixture(scope="module")
 def lifecycle_on_smollm2(tmp_path_factory):
     work = make_workdir(tmp_path_factory.mktemp("smollm2"), real_params())
-    metrics = {stage: run_stage(stage, work) for stage in LINEAGE}
+    metrics = {stage: run_in_process(stage, work) for stage in LINEAGE}
     return {"work": work, "metrics": metrics}
 
 
@@ -105,6 +106,6 @@ def test_every_align_family_runs_on_smollm2(lifecycle_on_smollm2, method, tmp_pa
     work = make_workdir(tmp_path / "w", real_params(align={"method": method}))
     for name in ("data/processed", "models/base", "models/cpt", "models/sft", "models/reward"):
         shutil.copytree(built / name, work / name, dirs_exist_ok=True)
-    metrics = run_stage("align", work)
+    metrics = run_in_process("align", work)
     assert metrics["method"] == method and metrics["train_loss"] == metrics["train_loss"]
     assert json.loads((work / "models/align/adapter_config.json").read_text())["base_model_name_or_path"] == "../sft"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.readers import DataError
 
@@ -44,7 +44,7 @@ def test_reward_model_learns_a_tiny_preference_set(lifecycle, tmp_path):
     wd = workdir_from(lifecycle, tmp_path / "wd", reward={"train_file": "data/pairs.jsonl",
                                                           "eval_file": "data/pairs.jsonl", "train": OVERFIT})
     small_set(wd)
-    metrics = run_stage("reward", wd)
+    metrics = run_in_process("reward", wd)
     assert metrics["eval_accuracy"] == 1.0
     assert metrics["eval_margin"] > metrics["eval_margin_before"] + 1.0
     assert metrics["peak_memory_mb"] > 0 and metrics["tokens_per_s"] > 0
@@ -61,7 +61,7 @@ def test_lora_reward_model_saves_its_score_head(lifecycle, tmp_path):
     from posttrain.reward_model import load_reward_model, pairwise, preference_rows
 
     wd = workdir_from(lifecycle, tmp_path / "wd", reward={"adapter": {"method": "lora"}, "train": {"max_steps": 4}})
-    metrics = run_stage("reward", wd)
+    metrics = run_in_process("reward", wd)
     config = json.loads((wd / "models/reward/adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
     assert config["base_model_name_or_path"] == "../sft"  # relative to the adapter's own folder

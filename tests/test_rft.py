@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.files import digest
 
@@ -31,8 +31,8 @@ def test_right_samples_are_kept_and_trained_on(lifecycle, tmp_path):
     wd = workdir_from(lifecycle["workdir"], tmp_path / "wd", sft=MEMORISE, rft=RFT)
     rows = [r for r in (wd / "data/processed/sft_train.jsonl").read_text().splitlines() if '"source": "cot"' in r]
     (wd / COT).write_text("\n".join(rows[:4]) + "\n")
-    run_stage("sft", wd)
-    metrics = run_stage("rft", wd)
+    run_in_process("sft", wd)
+    metrics = run_in_process("rft", wd)
     assert metrics["prompts"] == 4 and metrics["samples"] == 32
     assert 0 < metrics["correct"] < 32 and metrics["kept_share"] == metrics["correct"] / 32
     assert 0 < metrics["kept_distinct"] <= metrics["correct"] and metrics["trained"] is True
@@ -46,7 +46,7 @@ def test_right_samples_are_kept_and_trained_on(lifecycle, tmp_path):
 
 def test_nothing_right_leaves_the_sft_model_unchanged(lifecycle, tmp_path):
     wd = workdir_from(lifecycle["workdir"], tmp_path / "wd")  # the tiny sft model gets nothing right
-    metrics = run_stage("rft", wd)
+    metrics = run_in_process("rft", wd)
     assert metrics["correct"] == 0 and metrics["kept_share"] == 0 and metrics["trained"] is False
     assert metrics["accuracy_change"] == 0
     assert digest(wd / "models/rft/model.safetensors") == digest(wd / "models/sft/model.safetensors")
@@ -67,5 +67,5 @@ def test_a_train_file_without_checkable_answers_is_refused(lifecycle, tmp_path):
     row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]}
     (wd / "data/plain.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"\[rft.train_file\] data/plain.jsonl: no row has a completion with a '#### <answer>' final"):
-        run_stage("rft", wd)
+        run_in_process("rft", wd)
     assert not (wd / "models/rft").exists() and not (wd / "metrics/rft.json").exists()

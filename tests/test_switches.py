@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.config import ConfigError
 
@@ -28,16 +28,16 @@ def test_switched_off_cpt_passes_base_on_and_sft_and_evaluate_still_run(lifecycl
     work = workdir(lifecycle, tmp_path / "w", cpt={"enabled": False}, judge={"enabled": False},
                    models={"base": "models/base", "cpt": "models/cpt", "sft": "models/sft"},
                    evaluate={"reference": "base"})
-    assert run_stage("cpt", work) == {"skipped": True, "model": "models/base"}
+    assert run_in_process("cpt", work) == {"skipped": True, "model": "models/base"}
     assert sorted(p.name for p in (work / "models/cpt").iterdir()) == ["passthrough.json"]  # no weights copied
     base, passed = load_model(work / "models/base"), load_model(work / "models/cpt")
     assert all((a == b).all() for a, b in zip(base.state_dict().values(), passed.state_dict().values()))
 
-    sft = run_stage("sft", work)  # trains on base through models/cpt
+    sft = run_in_process("sft", work)  # trains on base through models/cpt
     assert sft["train_loss"] > 0 and (work / "models/sft/model.safetensors").exists()
-    assert run_stage("judge", work)["skipped"]  # no judge: its columns read n/a
+    assert run_in_process("judge", work)["skipped"]  # no judge: its columns read n/a
 
-    table = run_stage("evaluate", work)
+    table = run_in_process("evaluate", work)
     assert {k: v for k, v in table["cpt"].items() if k != "rates"} == {k: v for k, v in table["base"].items()
                                                                        if k != "rates"}  # one model, scored once
     assert table["cpt"]["rates"]["cot_accuracy"]["p_vs_reference"] == 1.0  # the same answers as base
@@ -48,9 +48,9 @@ def test_switched_off_cpt_passes_base_on_and_sft_and_evaluate_still_run(lifecycl
 def test_align_needing_a_reward_model_names_the_key_when_reward_is_off(lifecycle, tmp_path):
     work = workdir(lifecycle, tmp_path / "w", reward={"enabled": False}, align={"pairs": "policy"})
     (work / "models/sft").mkdir(parents=True)
-    run_stage("reward", work)
+    run_in_process("reward", work)
     with pytest.raises(ConfigError, match=r"\[align.reward_model\] models/reward holds no reward model"):
-        run_stage("align", work)
+        run_in_process("align", work)
     assert not (work / "models/align").exists()
 
 
@@ -59,7 +59,7 @@ def test_cpt_without_a_corpus_stops_with_a_config_error_and_the_fixed_run_is_not
     corpus = (work / "data/processed/corpus_train.jsonl").read_text()
     (work / "data/processed/corpus_train.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"\[cpt.train_file\] .* has no rows: add a source of kind corpus"):
-        run_stage("cpt", work)
+        run_in_process("cpt", work)
     assert not (work / "models/cpt").exists() and not (work / "metrics/cpt.json").exists()
     (work / "data/processed/corpus_train.jsonl").write_text(corpus)  # fixed: other data, same checkpoint folder
-    assert run_stage("cpt", work)["perplexity_after"] > 0
+    assert run_in_process("cpt", work)["perplexity_after"] > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_workdir, run_stage, tiny_params
+from conftest import make_workdir, run_in_process, tiny_params
 
 from posttrain.files import atomic_dir
 from posttrain.training import StaleCheckpointError
@@ -48,18 +48,18 @@ def test_killed_sft_resumes_from_its_last_checkpoint_and_refuses_other_params(li
     changed["sft"]["train"]["learning_rate"] = 1.0e-4
     (work / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     with pytest.raises(StaleCheckpointError, match="made with different params or data"):
-        run_stage("sft", work)
+        run_in_process("sft", work)
     assert not (work / "models/sft").exists()
 
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    metrics = run_stage("sft", work)
+    metrics = run_in_process("sft", work)
     assert metrics["resumed_from_step"] >= 10
     assert (work / "models/sft/model.safetensors").exists()
     assert not (work / "checkpoints/sft").exists()  # cleared after success
 
 
 def test_same_seed_gives_same_metrics(lifecycle, tmp_path):
-    runs = [run_stage("cpt", workdir_after_cpt(lifecycle, tmp_path / f"w{i}")) for i in range(2)]
+    runs = [run_in_process("cpt", workdir_after_cpt(lifecycle, tmp_path / f"w{i}")) for i in range(2)]
     for key in ("train_loss", "perplexity_before", "perplexity_after"):
         assert runs[0][key] == runs[1][key], key
 
