@@ -76,6 +76,21 @@ def table(headers: list[str], rows: list[list]) -> str:
     return markdown_table(headers, rows, cell=figure)
 
 
+def git_dvc_init(path: Path) -> Path:
+    """Make `path`, a copy of the code (tests' make_workdir, bench.lifecycle_time), a scratch git + DVC repository
+    with everything in it committed, as a clone of this one would be."""
+    for name in (".gitignore", ".dvcignore"):
+        if not (path / name).exists():
+            shutil.copy(REPO / name, path / name)
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"]):
+        proc = subprocess.run(cmd, cwd=path, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed in {path}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return path
+
+
 def run_worker(module: str, args: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run `python -m <module> <args>` from the repo root; its last stdout line is a JSON result."""
     start = time.perf_counter()

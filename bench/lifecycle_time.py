@@ -30,11 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import load, machine, table  # noqa: E402
+from bench.common import git_dvc_init, load, machine, table  # noqa: E402
 
 CODE = ["stages", "posttrain", "profiles", "schemas", "flows", "configs", "bench", "data/feedback", "dvc.yaml",
-        "pyproject.toml",
-        ".dvcignore", ".gitignore"]
+        "pyproject.toml"]
 OVERHEAD = ["imports", "config", "mlflow", "model_io", "checkpoints"]
 COMPUTE = ["train", "eval", "generate"]
 
@@ -49,11 +48,7 @@ def make_repo(path: Path, params: Path) -> None:
         elif src.exists():
             shutil.copy(src, path / name)
     shutil.copy(params, path / "params.yaml")
-    dvc = str(Path(sys.executable).parent / "dvc")
-    for cmd in (["git", "init", "-q"], ["git", "add", "."],
-                ["git", "-c", "user.email=bench@local", "-c", "user.name=bench", "commit", "-q", "-m", "bench"],
-                [dvc, "init", "-q"], [dvc, "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=path, check=True, capture_output=True)
+    git_dvc_init(path)
 
 
 def repro(path: Path, targets: list[str], env: dict) -> tuple[float, str]:

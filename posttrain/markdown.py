@@ -8,7 +8,7 @@ decimals unless `cell` formats them otherwise; `padded` lines the columns up for
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 def escape(text) -> str:

@@ -20,7 +20,7 @@ class Stage:
     chat_model: bool = False  # writes a chat model to models/<name>: one of the lineage the arena and evaluate compare
 
 
-_TRAINER = dict(trains=True, launchable=True, shared=("adapter", "train"))
+_TRAINER = {"trains": True, "launchable": True, "shared": ("adapter", "train")}
 
 # upstream first; the lineage's models in the order the arena lists them
 STAGES = (

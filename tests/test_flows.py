@@ -25,6 +25,8 @@ import pytest
 import yaml
 from conftest import make_workdir
 
+from bench.common import git_dvc_init
+
 DVC = [sys.executable, "-m", "dvc"]
 OVERRIDE = {"sft.train.max_steps": 4}  # the tiny settings have 6
 
@@ -33,16 +35,6 @@ def sh(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc.stdout
-
-
-def git_dvc_init(path: Path) -> Path:
-    shutil.copy(Path(__file__).resolve().parent.parent / ".gitignore", path / ".gitignore")
-    sh(["git", "init", "-q"], path)
-    sh([*DVC, "init", "-q"], path)
-    sh([*DVC, "config", "core.analytics", "false"], path)
-    sh(["git", "add", "-A"], path)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +87,8 @@ def flow_run(prefect_api, lifecycle, tmp_path_factory):
     from flows.lifecycle import dvc_stages, lifecycle as lifecycle_flow
 
     repo = git_dvc_init(make_workdir(tmp_path_factory.mktemp("flowrepo")))
-    built = lifecycle["workdir"]
     stages = dvc_stages(repo)
-    seeded = [s for s, info in stages.items()
-              if _outs(repo, s) and all((built / o).exists() for o in _outs(repo, s))]
-    for stage in seeded:
-        for out in _outs(repo, stage):
-            (repo / out).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (built / out).is_dir() else shutil.copy)(built / out, repo / out)
-    sh([*DVC, "commit", "-f", "-q", *seeded], repo)  # record what the fixture built as these stages' results
+    seeded = seed(repo, lifecycle["workdir"])
     original_params = (repo / "params.yaml").read_text()
 
     uri = f"sqlite:///{repo}/mlflow.db"
@@ -116,9 +101,18 @@ def flow_run(prefect_api, lifecycle, tmp_path_factory):
             "original_params": original_params, "uri": uri}
 
 
-def _outs(repo: Path, stage: str) -> list[str]:
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
-    return [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in spec.get(key, [])]
+def seed(repo: Path, built: Path) -> list[str]:
+    """Copy the outputs of the stages `built` holds into `repo` and record them as those stages' results."""
+    from flows.lifecycle import dvc_stages
+
+    outs = {stage: info["outs"] for stage, info in dvc_stages(repo).items()}
+    stages = [s for s, paths in outs.items() if paths and all((built / p).exists() for p in paths)]
+    for stage in stages:
+        for out in outs[stage]:
+            (repo / out).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (built / out).is_dir() else shutil.copy)(built / out, repo / out)
+    sh([*DVC, "commit", "-f", "-q", *stages], repo)
+    return stages
 
 
 def test_flow_walks_dvc_stages_in_order_changed_one_runs_cached_ones_skip(flow_run):

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import make_workdir, tiny_params
 
+from bench.common import git_dvc_init
+
 # Enough steps for the tiny model to move its metrics, still seconds per stage.
 E2E = {
     "base": {"tiny": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 128}},
@@ -46,14 +48,10 @@ def ran_stages(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    path = make_workdir(tmp_path_factory.mktemp("repo"), tiny_params(**E2E))
+    path = git_dvc_init(make_workdir(tmp_path_factory.mktemp("repo"), tiny_params(**E2E)))
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{path}/mlflow.db",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("LIFECYCLE_ID", None)
-    sh(["git", "init", "-q"], path)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], path)
-    sh([DVC, "init", "-q"], path)
-    sh([DVC, "config", "core.analytics", "false"], path)
     first = sh([DVC, "repro"], path, env)
     return {"path": path, "env": env, "first": first.stdout}
 

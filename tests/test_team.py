@@ -2,7 +2,7 @@
 Prefect servers (posttrain.team).
 
 The tiny lineage the session `lifecycle` fixture built (sample -> sft) is committed into a scratch git+DVC repo
-the way tests/test_flows.py does it. One clone pushes it to a directory remote, a second clone pulls it and
+with tests/test_flows.py's seed(). One clone pushes it to a directory remote, a second clone pulls it and
 `dvc repro` there trains nothing. Then `python -m posttrain.team`'s services (launched when the module starts, so
 they come up while the scratch repo is made and the DVC test runs) run the next stage, reward, as the Prefect
 `stage` flow, and the test reads the flow run back from the Prefect server and the lifecycle's MLflow runs (and
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 from conftest import make_workdir
-from test_flows import DVC, _outs, git_dvc_init, sh
+from test_flows import DVC, seed, sh
 
+from bench.common import git_dvc_init
 from posttrain import team as teammod
 
 TIMES: dict[str, float] = {}
@@ -53,19 +54,6 @@ def services():
         TIMES["down"] = time.perf_counter() - begin
         shutil.rmtree(state, ignore_errors=True)
         print(f"\ntest_team timings (s): {', '.join(f'{k} {v:.1f}' for k, v in TIMES.items())}")
-
-
-def seed(repo: Path, built: Path) -> list[str]:
-    """Copy the outputs of the stages `built` holds into `repo` and record them as those stages' results."""
-    from flows.lifecycle import dvc_stages
-
-    stages = [s for s in dvc_stages(repo) if _outs(repo, s) and all((built / o).exists() for o in _outs(repo, s))]
-    for stage in stages:
-        for out in _outs(repo, stage):
-            (repo / out).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (built / out).is_dir() else shutil.copy)(built / out, repo / out)
-    sh([*DVC, "commit", "-f", "-q", *stages], repo)
-    return stages
 
 
 def commit(repo: Path, message: str) -> None:
