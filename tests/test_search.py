@@ -45,22 +45,23 @@ WORKS = {"method": "bottleneck", "reduction": 8, "placement_targets": "mlp", "lr
 def test_search_records_failures_resumes_and_applies(repo, capsys, monkeypatch):
     import optuna
 
-    # a budget of one trial: the enqueued failing setup runs, the working one waits in the storage
-    study = S.search(repo, "sft", trials=1, space=SPACE, seed=0, enqueue=[FAILS, WORKS])
-    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    study = S.search(repo, "sft", trials=1, space=SPACE, seed=0, enqueue=[FAILS])
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # recorded; the search ends at its budget, not by it
     assert "no_such_proj" in study.trials[0].user_attrs["error"]
     # a search killed mid-trial leaves a RUNNING trial; run again with a larger budget: that one is marked FAIL
-    # (interrupted), the search goes on with the trial waiting in the storage, and stops at the budget
-    S.open_study(repo, "sft", 0).ask()
+    # (interrupted) and the search goes on (here with a setup queued in the storage)
+    stored = S.open_study(repo, "sft", 0)
+    stored.ask()
+    stored.enqueue_trial(WORKS)
     study = S.search(repo, "sft", trials=3, space=SPACE, seed=0)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL"]
-    assert study.trials[2].user_attrs["error"].startswith("interrupted")
-    done = study.trials[1]
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert study.trials[1].user_attrs["error"].startswith("interrupted")
+    done = study.trials[2]
     assert done.params["method"] == "bottleneck"
     assert done.values[1] == 2 * (2 * 32 * 4 + 4 + 32)  # pfeiffer, 2 layers, hidden 32 / 8
     assert done.user_attrs["mlflow_run_id"]
     exps = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo)
-    assert exps.strip().endswith("/sft-t1")  # the trial is a DVC experiment
+    assert exps.strip().endswith("/sft-t2")  # the trial is a DVC experiment
     metrics = json.loads(sh(["git", "show", f"{exps.split()[0]}:metrics/sft.json"], repo))
     assert metrics["method"] == "bottleneck" and metrics["eval_loss"] == done.user_attrs["metric"]
 
