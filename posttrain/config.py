@@ -56,6 +56,8 @@ class TrackingConfig:
     uri: str  # empty: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db
     experiment: str
     log_models: bool  # copy each stage's model or adapter into its MLflow run
+    # where the trainers log their curves (train and eval loss): mlflow, tensorboard (event files under runs/<stage>/)
+    report_to: list[Literal["mlflow", "tensorboard"]] = dataclasses.field(default_factory=lambda: ["mlflow"])
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainConfig:
     gradient_checkpointing: bool
     logging_steps: int
     save_steps: int  # checkpoint period; a killed stage resumes from the last one
+    eval_steps: int  # held-out loss every eval_steps steps (eval_loss curves) where a stage has a held-out set; 0 off
     num_threads: int  # torch CPU threads; 0 = torch's default
 
 
@@ -246,7 +249,7 @@ RANGES: dict[str, str] = {
         "seed", "weight_decay", "num_threads", "max_prompts", "max_eval", "max_per_suite", "max_eval_per_suite",
         "freeze_train_top_k", "num_processes", "num_fewshot", "samples_per_suite", "speed_prompts", "check_new_tokens",
         "min_reward_gap", "sft_weight", "replay", "verifiable_reward_weight", "center_rewards_coefficient", "beta",
-        "main_process_port"), NON_NEGATIVE),
+        "main_process_port", "eval_steps"), NON_NEGATIVE),
     **dict.fromkeys(("lora_dropout", "top_p"), UNIT),
 }
 UNIT_SUFFIXES = ("_share", "_fraction", "_ratio", "_prob", "_probability")  # shares and probabilities

@@ -80,8 +80,9 @@ class TrainingStage:
             raise
 
     def train(self, trainer) -> dict:
-        """trainer.train(), resuming from this run's checkpoint; loss, time, tokens/s, memory (training.py)."""
-        return train_with_resume(trainer, self.resume)
+        """trainer.train(), resuming from this run's checkpoint; loss, time, tokens/s, memory (training.py).
+        report_to: tensorboard writes under runs/<stage>/."""
+        return train_with_resume(trainer, self.resume, runs_dir=Path("runs") / self.name)
 
     def finish(self, metrics: dict, **saved) -> dict:
         """Save the model (`saved`: trainer / model, tokenizer, base_path), log and write the metrics, drop the

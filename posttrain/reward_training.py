@@ -50,11 +50,13 @@ def train_reward_model(name: str, cfg: RewardTrainingConfig) -> dict:
         # the score head is new: it always trains, and a PEFT run saves it with the adapter
         model = make_trainable(model, cfg.adapter, task_type="SEQ_CLS", head="score")
         args = trainer_args(
-            RewardConfig, cfg.train, stage.ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+            RewardConfig, cfg.train, stage.ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to, held_out=True,
+            max_length=cfg.train.max_length,
             center_rewards_coefficient=cfg.center_rewards_coefficient or None,
             per_device_eval_batch_size=cfg.eval_batch_size,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=trl_pairs(train_rows),
+                                eval_dataset=trl_pairs(eval_rows) if cfg.train.eval_steps else None,
                                 processing_class=tokenizer)
         result = stage.train(trainer)
         # scored like `before` and like a reload of the saved model: without the trainer's mixed-precision wrapper

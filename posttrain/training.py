@@ -28,8 +28,13 @@ class StaleCheckpointError(RuntimeError):
     pass
 
 
-def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int, **extra):
-    """Build a TRL/transformers *Config from TrainConfig; `extra` holds the trainer-specific fields."""
+def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int,
+                 report_to: list[str] | tuple[str, ...] = ("mlflow",), held_out: bool = False, **extra):
+    """Build a TRL/transformers *Config from TrainConfig; `extra` holds the trainer-specific fields.
+
+    report_to: tracking.report_to (mlflow, tensorboard). held_out: the trainer is given an eval dataset, so
+    train.eval_steps > 0 evaluates it every eval_steps steps (eval_loss curves); a stage without one passes False.
+    """
     import torch
 
     set_threads(train.num_threads)
@@ -53,7 +58,9 @@ def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: i
         save_total_limit=1,
         seed=seed,
         data_seed=seed,
-        report_to=["mlflow"],
+        report_to=list(report_to),
+        eval_strategy="steps" if held_out and train.eval_steps > 0 else "no",
+        eval_steps=train.eval_steps if held_out and train.eval_steps > 0 else None,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps a GPU
         **extra,
@@ -126,26 +133,68 @@ def clear_checkpoints(stage: str) -> None:
     shutil.rmtree(CHECKPOINT_ROOT / stage, ignore_errors=True)
 
 
-def train_with_resume(trainer, resume_from: str | None) -> dict:
+def _run_totals_callback(trainer):
+    """A callback that carries the whole run's running totals across a resume, so that a resumed run reports
+    what an uninterrupted one does, bit for bit:
+
+    - train_loss: the Trainer's is the mean over the steps of one train() call, after a resume over the steps since
+      the checkpoint only. The running sum of the step losses (Trainer._total_loss_scalar plus what has not been
+      logged yet) is saved and put back, and goes on in the same order as in an uninterrupted run (exactly so when
+      save_steps is a multiple of logging_steps: the resumed sum then starts at a logging boundary);
+    - num_tokens: TRL's count of the tokens trained on (_total_train_tokens: logged as num_tokens, and in
+      evaluate()'s eval_num_tokens) lives in the trainer only and would restart from 0.
+
+    Both are saved in each checkpoint's trainer_state.json (an ExportableState callback: written with the rest of
+    the state, so a complete checkpoint always has them)."""
+    from transformers.trainer_callback import ExportableState, TrainerCallback
+
+    class RunTotals(TrainerCallback, ExportableState):
+        def state(self) -> dict:
+            pending = getattr(trainer, "_tr_loss", None)
+            total = getattr(trainer, "_total_loss_scalar", 0.0) + (pending.item() if pending is not None else 0.0)
+            return {"args": {}, "attributes": {"loss_sum": total,
+                                               "train_tokens": getattr(trainer, "_total_train_tokens", None)}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if state.global_step > 0 and isinstance(saved, dict):
+                trainer._total_loss_scalar = saved["attributes"]["loss_sum"]
+                if saved["attributes"].get("train_tokens") is not None and hasattr(trainer, "_total_train_tokens"):
+                    trainer._total_train_tokens = saved["attributes"]["train_tokens"]
+
+    return RunTotals()
+
+
+def train_with_resume(trainer, resume_from: str | None, runs_dir: str | Path | None = None) -> dict:
     """Train (resuming if a checkpoint is given); return loss, wall time, real tokens/s, peak memory, world size.
 
+    train_loss is the mean step loss of the whole run, also when it resumed (_run_totals_callback). `runs_dir`:
+    where report_to: tensorboard writes its event files (runs/<stage>/; the checkpoint folder is dropped on success).
     Under a multi-process launch every rank trains (and says so in the log); the numbers are rank 0's,
     except tokens, which TRL counts over all ranks.
     """
+    from transformers.integrations import TensorBoardCallback
+
     from posttrain.runtime import peak_memory_mb
 
+    trainer.add_callback(_run_totals_callback(trainer))
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and runs_dir is not None and cb.logging_dir is None:
+            cb.logging_dir = str(runs_dir)
+    resumed = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+    if resume_from:
+        print(f"[resume] resuming from {resume_from} (step {resumed} of {trainer.args.max_steps})", flush=True)
     memory = MemoryWindow(trainer)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
     rank, world = trainer.args.process_index, trainer.args.world_size
     print(f"[train] rank {rank} of {world}: {trainer.state.global_step} steps in {wall:.1f}s", flush=True)
     # TRL logs the running count of real (non-pad) tokens as 'num_tokens'.
     tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
-    resumed = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
     steps_run = max(trainer.state.global_step - resumed, 1)
     return {
-        "train_loss": result.training_loss,
+        "train_loss": trainer._total_loss_scalar / max(trainer.state.global_step, 0.001),  # as the Trainer divides
         "train_wall_s": wall,
         "tokens_per_s": tokens * steps_run / max(trainer.state.global_step, 1) / wall if tokens else None,
         "peak_memory_mb": peak_memory_mb(),

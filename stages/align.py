@@ -119,7 +119,8 @@ def build_trainer(cfg: AlignConfig, ckpt_dir: Path, data: dict):
     model, pc = make_trainable(model, cfg.adapter, trainer_applies_peft=True)
     if pc is None:  # full / freeze: TRL loads its reference from here, so it must be the sft weights
         model.config._name_or_path = reference_dir(cfg.model, ckpt_dir / "reference")
-    common = dict(max_length=cfg.train.max_length, per_device_eval_batch_size=cfg.train.batch_size, beta=cfg.beta)
+    common = dict(max_length=cfg.train.max_length, per_device_eval_batch_size=cfg.train.batch_size, beta=cfg.beta,
+                  report_to=cfg.tracking.report_to, held_out=True)  # the eval pairs: eval_loss every train.eval_steps
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -144,17 +145,16 @@ def _online_trainer(cfg: AlignConfig, ckpt_dir: Path, model, tokenizer, pc, data
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-    reward_funcs, weights = [load_reward_model(cfg.reward_model)], [1.0]
-    reward_tokenizers = [load_tokenizer(cfg.reward_model)]
+    reward_funcs, reward_tokenizers, weights = [load_reward_model(m := cfg.reward_model)], [load_tokenizer(m)], [1.0]
     if cfg.verifiable_reward_weight > 0:
         reward_funcs.append(verifiable_reward)
         reward_tokenizers.append(None)
         weights.append(cfg.verifiable_reward_weight)
     g = cfg.generation
     args = trainer_args(
-        Config, cfg.train, ckpt_dir, cfg.seed, beta=cfg.beta, num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length, temperature=g.temperature, reward_weights=weights,
-    )
+        Config, cfg.train, ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to, beta=cfg.beta,
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length, temperature=g.temperature,
+        reward_weights=weights)
     return Trainer(model=model, reward_funcs=reward_funcs, args=args, processing_class=tokenizer,
                    reward_processing_classes=reward_tokenizers, peft_config=pc, **data)
 

@@ -42,7 +42,7 @@ def training_args(cfg: CPTConfig, output_dir):
     from trl import SFTConfig
 
     return trainer_args(
-        SFTConfig, cfg.train, output_dir, cfg.seed,
+        SFTConfig, cfg.train, output_dir, cfg.seed, report_to=cfg.tracking.report_to, held_out=True,
         dataset_text_field="text", max_length=cfg.train.max_length,
         packing=True, packing_strategy="wrapped",  # fixed blocks: classic pretraining packing
         torch_compile=cfg.compile, **kernel_kwargs(resolve_kernels(cfg.kernels)),
@@ -68,8 +68,10 @@ def run(cfg: CPTConfig) -> dict:
 
         model = make_trainable(model, cfg.adapter)
         train_ds = Dataset.from_list([{"text": t} for t in train_texts])
+        # the held-out text, packed like the training text, only where train.eval_steps asks for its loss curve
+        eval_ds = Dataset.from_list([{"text": t} for t in eval_texts]) if cfg.train.eval_steps else None
         trainer = SFTTrainer(model=model, args=training_args(cfg, stage.ckpt_dir), train_dataset=train_ds,
-                             processing_class=tokenizer)
+                             eval_dataset=eval_ds, processing_class=tokenizer)
         set_loss_head(trainer, cfg.loss_head)
         result = stage.train(trainer)
         ppl_after = perplexity(trainer.model, tokenizer, eval_texts, cfg.train.max_length)

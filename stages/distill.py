@@ -114,7 +114,8 @@ def _sequence_trainer(cfg, student, tokenizer, rows, ckpt_dir):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+    args = trainer_args(SFTConfig, cfg.train, ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to,
+                        max_length=cfg.train.max_length,
                         completion_only_loss=True)
     return SFTTrainer(model=student, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
@@ -127,14 +128,16 @@ def _logits_trainer(cfg, student, teacher, tokenizer, rows, ckpt_dir):
     if lg.on_policy_share >= 1.0:  # fully on-policy: TRL's DistillationTrainer (prompts only)
         from trl import DistillationConfig, DistillationTrainer
 
-        args = trainer_args(DistillationConfig, cfg.train, ckpt_dir, cfg.seed, temperature=lg.temperature,
+        args = trainer_args(DistillationConfig, cfg.train, ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to,
+                            temperature=lg.temperature,
                             beta=lg.beta, max_completion_length=cfg.max_new_tokens)
         data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
         return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                    processing_class=tokenizer)
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    args = trainer_args(GKDConfig, cfg.train, ckpt_dir, cfg.seed, lmbda=lg.on_policy_share, beta=lg.beta,
+    args = trainer_args(GKDConfig, cfg.train, ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to,
+                        lmbda=lg.on_policy_share, beta=lg.beta,
                         temperature=lg.temperature, max_new_tokens=cfg.max_new_tokens,
                         max_length=cfg.train.max_length)
     data = Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from posttrain.cli import run_stage
 from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
 from posttrain.decoding import DecodeConfig
-from posttrain.distributed import split_work
+from posttrain.distributed import cached_rows, split_work
 from posttrain.files import read_jsonl
 from posttrain.harness import TrainingStage, make_trainable
 from posttrain.models import load_for_training, load_tokenizer, trainable_share
@@ -109,9 +109,12 @@ def run(cfg: RFTConfig) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_training(cfg.model, cfg.adapter)
         acc_before = accuracy(model, tokenizer, held_out, cfg)
-        samples = split_work(lambda share: sample(model, tokenizer, [r["prompt"] for r in share], cfg.num_samples,
-                                                  cfg.temperature, cfg.max_new_tokens, cfg.batch_size,
-                                                  cfg.decode, desc="rft samples"), prompts, "rft samples")
+        # kept next to the checkpoints: a resumed run trains on the samples its checkpoint was trained on
+        samples = [r["completions"] for r in cached_rows(stage.ckpt_dir / "samples.jsonl", lambda: [
+            {"completions": s} for s in split_work(
+                lambda share: sample(model, tokenizer, [r["prompt"] for r in share], cfg.num_samples, cfg.temperature,
+                                     cfg.max_new_tokens, cfg.batch_size, cfg.decode, desc="rft samples"),
+                prompts, "rft samples")])]
         right_by_prompt = [sum(final_answer(t) == r["answer"] for t in s) for r, s in zip(prompts, samples)]
         right = sum(right_by_prompt)
         kept = keep_correct(prompts, samples)
@@ -122,7 +125,8 @@ def run(cfg: RFTConfig) -> dict:
         trainer = None
         if kept:
             model = make_trainable(model, cfg.adapter)
-            args = trainer_args(SFTConfig, cfg.train, stage.ckpt_dir, cfg.seed, max_length=cfg.train.max_length,
+            args = trainer_args(SFTConfig, cfg.train, stage.ckpt_dir, cfg.seed, report_to=cfg.tracking.report_to,
+                                max_length=cfg.train.max_length,
                                 completion_only_loss=True)
             rows = kept + replayed(cfg, len(kept))
             metrics["replayed"] = len(rows) - len(kept)

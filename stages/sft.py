@@ -56,7 +56,7 @@ def training_args(cfg: SFTStageConfig, output_dir):
     from trl import SFTConfig
 
     return trainer_args(
-        SFTConfig, cfg.train, output_dir, cfg.seed,
+        SFTConfig, cfg.train, output_dir, cfg.seed, report_to=cfg.tracking.report_to, held_out=True,
         max_length=cfg.train.max_length, packing=cfg.packing, completion_only_loss=True,
         train_sampling_strategy=cfg.sampling, per_device_eval_batch_size=cfg.train.batch_size,
         torch_compile=cfg.compile, **kernel_kwargs(resolve_kernels(cfg.kernels)),
