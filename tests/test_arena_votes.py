@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+import traceback
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
@@ -117,19 +118,35 @@ def _fork():
 
 
 def _process_voter(tmp_path: Path, first: int, threads: int, each: int, report: int) -> None:
-    """A voting process: `threads` voters, numbered from `first`; each confirmed id is written to `report`."""
-    arena = _arena(tmp_path)
+    """A voting process: `threads` voters, numbered from `first`; each confirmed id is written to `report`.
+    A failure is written to voter-<first>.err (pytest does not show a forked child's stderr) and exits 1."""
+    failures: list[str] = []
 
     def voter(v: int) -> None:
-        for n in range(each):
-            vote_id = _vote(arena, v, n)
-            os.write(report, f"{vote_id}\n".encode())  # 33 bytes into a pipe: one atomic write
+        try:
+            for n in range(each):
+                vote_id = _vote(arena, v, n)
+                os.write(report, f"{vote_id}\n".encode())  # 33 bytes into a pipe: one atomic write
+        except BaseException:  # noqa: BLE001 - written out below
+            failures.append(traceback.format_exc())
 
-    workers = [threading.Thread(target=voter, args=(first + i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    try:
+        arena = _arena(tmp_path)
+    except BaseException:  # noqa: BLE001
+        failures.append(traceback.format_exc())
+    else:
+        workers = [threading.Thread(target=voter, args=(first + i,)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    if failures:
+        (tmp_path / f"voter-{first}.err").write_text("\n".join(failures))
+        os._exit(1)
+
+
+def _child_errors(tmp_path: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob("voter-*.err")))[-4000:]
 
 
 def _read_ids(fd: int) -> list[str]:
@@ -153,7 +170,7 @@ def test_four_processes_of_two_voters_cast_400_votes_each_on_disk_exactly_once(t
         p.join()
     seconds = time.perf_counter() - t0
     os.close(read)
-    assert [p.exitcode for p in procs] == [0] * 4
+    assert [p.exitcode for p in procs] == [0] * 4, _child_errors(tmp_path)
     _check_exactly_once(tmp_path, confirmed, VOTERS * VOTES_EACH)
     print(f"\n4 processes x 2 threads, {len(confirmed)} votes in {seconds:.2f} s: "
           f"{len(confirmed) / seconds:.0f} votes/s, 0 lost, 0 duplicated")
@@ -175,7 +192,7 @@ def test_killing_the_app_mid_stream_loses_at_most_the_vote_in_flight(tmp_path):
         target, seen = rng.randint(2, 12), b""
         while seen.count(b"\n") < target:
             chunk = os.read(read, 4096)
-            assert chunk, f"the voter exited early ({proc.exitcode})"
+            assert chunk, f"the voter exited early ({proc.exitcode}): {_child_errors(tmp_path)}"
             seen += chunk
         time.sleep(rng.uniform(0, 0.004))  # somewhere in the next vote: building it, writing it, fsyncing it
         os.kill(proc.pid, signal.SIGKILL)

@@ -66,6 +66,9 @@ class StageProcess:
             code = 1
             try:
                 os.dup2(out.fileno(), 1), os.dup2(out.fileno(), 2)
+                # pytest's capture replaces sys.stdout/stderr with objects of its own (not fd 1/2): write to the log
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
                 os.chdir(workdir)
                 os.environ.clear(), os.environ.update(env)
                 sys.argv = [f"stages/{name}.py"]
