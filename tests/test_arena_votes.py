@@ -10,11 +10,11 @@ most the one vote in flight per kill is unaccounted for, and that no line is tor
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -111,15 +111,41 @@ def test_eight_threads_cast_400_votes_each_on_disk_exactly_once(tmp_path):
           "0 lost, 0 duplicated")
 
 
+class _Forked:
+    """A child process forked from this one, running `target(*args)` and leaving by os._exit: neither
+    multiprocessing's exit path nor pytest's handlers run in the child (either turned a finished voter's exit
+    code into 1 in a long-lived pytest worker). The children inherit the imports: no 8 s start each."""
+
+    def __init__(self, target, args):
+        self.target, self.args, self.pid, self.exitcode = target, args, None, None
+
+    def start(self) -> None:
+        sys.stdout.flush(), sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                self.target(*self.args)
+                code = 0
+            except BaseException:  # noqa: BLE001 - written out for the parent's assert
+                Path(self.args[0], f"voter-{self.args[1]}.err").write_text(traceback.format_exc())
+            finally:
+                os._exit(code)
+
+    def join(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        self.exitcode = os.waitstatus_to_exitcode(status)
+
+
 def _fork():
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if not hasattr(os, "fork"):
         pytest.skip("needs fork (Linux, macOS)")
-    return multiprocessing.get_context("fork")  # the children inherit the imports: no 8 s start each
+    return _Forked
 
 
 def _process_voter(tmp_path: Path, first: int, threads: int, each: int, report: int) -> None:
-    """A voting process: `threads` voters, numbered from `first`; each confirmed id is written to `report`.
-    A failure is written to voter-<first>.err (pytest does not show a forked child's stderr) and exits 1."""
+    """A voting process: `threads` voters, numbered from `first`; each confirmed id is written to `report`."""
+    arena = _arena(tmp_path)
     failures: list[str] = []
 
     def voter(v: int) -> None:
@@ -127,22 +153,16 @@ def _process_voter(tmp_path: Path, first: int, threads: int, each: int, report: 
             for n in range(each):
                 vote_id = _vote(arena, v, n)
                 os.write(report, f"{vote_id}\n".encode())  # 33 bytes into a pipe: one atomic write
-        except BaseException:  # noqa: BLE001 - written out below
+        except BaseException:  # noqa: BLE001 - raised below, in the process's thread
             failures.append(traceback.format_exc())
 
-    try:
-        arena = _arena(tmp_path)
-    except BaseException:  # noqa: BLE001
-        failures.append(traceback.format_exc())
-    else:
-        workers = [threading.Thread(target=voter, args=(first + i,)) for i in range(threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
+    workers = [threading.Thread(target=voter, args=(first + i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
     if failures:
-        (tmp_path / f"voter-{first}.err").write_text("\n".join(failures))
-        os._exit(1)
+        raise RuntimeError("\n".join(failures))
 
 
 def _child_errors(tmp_path: Path) -> str:
@@ -160,7 +180,7 @@ def test_four_processes_of_two_voters_cast_400_votes_each_on_disk_exactly_once(t
     ctx = _fork()
     _vote(_arena(tmp_path / "warm"), -1, 0)  # import and warm up here once: the children inherit it
     read, write = os.pipe()
-    procs = [ctx.Process(target=_process_voter, args=(tmp_path, 2 * p, 2, VOTES_EACH, write)) for p in range(4)]
+    procs = [ctx(_process_voter, (tmp_path, 2 * p, 2, VOTES_EACH, write)) for p in range(4)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -186,7 +206,7 @@ def test_killing_the_app_mid_stream_loses_at_most_the_vote_in_flight(tmp_path):
     t0 = time.perf_counter()
     for k in range(kills):  # every run appends to the same files, after the last run's kill
         read, write = os.pipe()
-        proc = ctx.Process(target=_process_voter, args=(tmp_path, 100 + k, 1, 10_000, write))
+        proc = ctx(_process_voter, (tmp_path, 100 + k, 1, 10_000, write))
         proc.start()
         os.close(write)
         target, seen = rng.randint(2, 12), b""
