@@ -93,7 +93,7 @@ class AdapterConfig:
     lora_dropout: float
     target_modules: list[str]
     num_virtual_tokens: int  # prompt_tuning / prefix_tuning / p_tuning
-    # bottleneck (posttrain.bottleneck): down to hidden // reduction_factor, nonlinearity, up (zero-initialised)
+    # bottleneck (posttrain.model.bottleneck): down to hidden // reduction_factor, nonlinearity, up (zero-initialised)
     reduction_factor: int = 16
     placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # houlsby: after attention and MLP; pfeiffer: MLP only
     nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"

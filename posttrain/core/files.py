@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from posttrain.config import YAML_LOADER, ConfigError, StageError
+from posttrain.core.config import YAML_LOADER, ConfigError, StageError
 
 NEWLINE = b"\n"
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout; stages themselves run from the cwd (DVC: the project root)
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout; stages run from the cwd (DVC: the project root)
 
 
 # ---------------------------------------------------------------- outputs

@@ -2,7 +2,7 @@
 
 dvc.yaml stays the truth for how a stage runs (its cmd, deps, outs, order); this table says what kind of stage
 it is. launch (which stages re-execute under `accelerate launch`), plan (which stages it estimates), the arena
-(which model folders it offers) and the tests read it; `python -m posttrain.depgraph --check` checks that the
+(which model folders it offers) and the tests read it; `python -m posttrain.tools.depgraph --check` checks that the
 shared blocks listed here are the `defaults.*` params dvc.yaml gives each stage.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     name: str  # the dvc.yaml stage and its module, stages/<name>.py
-    trains: bool = False  # fits a model with a trainer: posttrain.plan estimates its memory
+    trains: bool = False  # fits a model with a trainer: posttrain.train.plan estimates its memory
     launchable: bool = False  # `run_stage(..., launchable=True)`: re-executes under accelerate launch
     shared: tuple[str, ...] = ()  # the params.yaml `defaults` blocks it reads (adapter, train, decode)
     chat_model: bool = False  # writes a chat model to models/<name>: one of the lineage the arena and evaluate compare

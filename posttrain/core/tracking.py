@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.files import digest, git_commit, is_main_process
+from posttrain.core.files import digest, git_commit, is_main_process
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -84,7 +84,7 @@ def lifecycle_run(tracking, lifecycle: str, commit: str, params: dict, tags: dic
 
 
 def _read_params(path: Path) -> dict | None:
-    from posttrain.config import read_params  # with its profile laid over it: the values the stages ran with
+    from posttrain.core.config import read_params  # with its profile laid over it: the values the stages ran with
 
     return read_params(path) if path.exists() else None
 

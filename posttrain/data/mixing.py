@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from posttrain.readers import DataError, Problem
-from posttrain.splitting import assistant, prompt_of
+from posttrain.data.readers import DataError, Problem
+from posttrain.data.splitting import assistant, prompt_of
 
 
 def mixture_counts(size: int, ratios: dict[str, float]) -> dict[str, int]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from posttrain.config import StageError
+from posttrain.core.config import StageError
 from schemas import KINDS, ROW_CHECK_COLUMNS, SCHEMAS
 from schemas.checks import MAX_CHARS, char_limit, explain, message_list
 

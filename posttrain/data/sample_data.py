@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from posttrain.files import write_jsonl
+from posttrain.core.files import write_jsonl
 
 WORDS = ["red", "blue", "green", "fox", "owl", "cat", "river", "stone", "moon", "tree", "lamp", "boat",
          "apple", "cloud", "bell", "sand", "wolf", "rain", "gold", "seed"]

@@ -2,7 +2,7 @@
 dedupe, the seeded split, decontamination of the corpus against eval prompts, the judge's disjoint part of the
 preference pairs, and the n-gram overlap that is left.
 
-Rows are the readers' (posttrain.readers) per kind: corpus {"text"}, instruction {"messages"}, refusal
+Rows are the readers' (posttrain.data.readers) per kind: corpus {"text"}, instruction {"messages"}, refusal
 {"prompt", "response"}, cot {"question", "rationale", "answer"}, preference {"prompt", "chosen", "rejected"},
 prompt {"prompt", "answer"}; a row's `_split` (auto / train / eval) comes from its source.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from posttrain.overlap import contains_any, normalise_text, overlap, probes, tokens
+from posttrain.data.overlap import contains_any, normalise_text, overlap, probes, tokens
 
 
 def user(text: str) -> list[dict]:
@@ -87,7 +87,7 @@ def decontaminate(docs: list[dict], eval_prompts: list[str], n: int, min_tokens:
 
 
 def overlap_report(files: dict[str, list], sizes: list[int]) -> dict[str, dict]:
-    """posttrain.overlap.overlap of every eval suite (its prompts; corpus_eval: its documents) against all
+    """posttrain.data.overlap.overlap of every eval suite (its prompts; corpus_eval: its documents) against all
     text the training stages read: the SFT mixture, preference train pairs, corpus train, RL / distill prompts."""
     training = ([text_of(r["prompt"] + r["completion"]) for r in files["sft_train.jsonl"]]
                 + [text_of(r["prompt"] + r["chosen"] + r["rejected"]) for r in files["preference_train.jsonl"]]

@@ -1,15 +1,15 @@
 """Prompts with checkable answers: reading them, and checking a reply against a known answer.
 
 A reply is right when its final answer ('#### N') is the known one, or, where the reference has none, when its
-whole text matches (posttrain.scoring.exact_match). The online RL trainers use `verifiable_reward` beside the
-reward model; policy pairs (posttrain.policy_pairs) use `matches` to favour a sample that agrees with the
+whole text matches (posttrain.evaluation.scoring.exact_match). The online RL trainers use `verifiable_reward` beside the
+reward model; policy pairs (posttrain.train.policy_pairs) use `matches` to favour a sample that agrees with the
 pair's chosen reply.
 """
 
 from __future__ import annotations
 
-from posttrain.files import read_jsonl
-from posttrain.scoring import exact_match, final_answer
+from posttrain.core.files import read_jsonl
+from posttrain.evaluation.scoring import exact_match, final_answer
 
 
 def verifiable_reward(prompts, completions, answer, **_) -> list[float | None]:

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.config import ConfigError, StageError
-from posttrain.stats import rate
+from posttrain.core.config import ConfigError, StageError
+from posttrain.evaluation.stats import rate
 
 EMBEDDED = "embedded"  # `file: embedded`: the generated set
 EMBEDDED_ROWS = 100

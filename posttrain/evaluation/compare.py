@@ -1,7 +1,8 @@
 """compare: the last N lifecycles side by side, from MLflow: the params that differ, then the metrics.
 
-    python -m posttrain.compare                       # last 5 lifecycles, the evaluate table's metrics
-    python -m posttrain.compare --last 4 --metrics 'sft.trainable_share' 'sft.peak_memory_mb' 'sft.train_wall_s' 'evaluate.sft.*'
+    python -m posttrain.evaluation.compare                       # last 5 lifecycles, the evaluate table's metrics
+    python -m posttrain.evaluation.compare --last 4 \
+        --metrics 'sft.trainable_share' 'sft.peak_memory_mb' 'sft.train_wall_s' 'evaluate.sft.*'
 
 A lifecycle is an MLflow parent run (tags.kind = lifecycle): one `dvc repro`, Prefect flow run or queued DVC
 experiment. Its params are the whole params.yaml it ran with (logged when it opened); its metrics are
@@ -16,9 +17,9 @@ import argparse
 import fnmatch
 from datetime import datetime
 
-from posttrain.config import PARAMS_FILE, ConfigError, TrackingConfig, build, read_params
-from posttrain.markdown import markdown_table
-from posttrain.tracking import tracking_uri
+from posttrain.core.config import PARAMS_FILE, ConfigError, TrackingConfig, build, read_params
+from posttrain.core.markdown import markdown_table
+from posttrain.core.tracking import tracking_uri
 
 
 def lifecycles(tracking: TrackingConfig, last: int) -> list[dict]:
@@ -72,7 +73,7 @@ def _fmt(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.evaluation.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--last", type=int, default=5, help="how many lifecycles, newest last (default 5)")
     parser.add_argument("--metrics", nargs="+", default=["evaluate.*"],
                         help="metric name patterns, <stage>.<metric> (default: evaluate.*)")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.chat import encode_prompts, prompt_text
+from posttrain.evaluation.chat import encode_prompts, prompt_text
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from posttrain.config import ConfigError
-from posttrain.stats import mcnemar
+from posttrain.core.config import ConfigError
+from posttrain.evaluation.stats import mcnemar
 
 LOWER_IS_BETTER = frozenset({"perplexity", "over_refusal_rate", "kl_to_ref"})
 PAIRED_TESTS = ("not_worse", "better")

@@ -1,4 +1,5 @@
-"""Scoring shared by the stages that measure models: perplexity, generation (posttrain.decoding), answer checks."""
+"""Scoring shared by the stages that measure models: perplexity, generation (posttrain.evaluation.decoding),
+answer checks."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 
 import torch
 
-from posttrain.chat import encode_prompts, prompt_and_answer_ids
-from posttrain.decoding import DecodeConfig, decode_prompts
+from posttrain.evaluation.chat import encode_prompts, prompt_and_answer_ids
+from posttrain.evaluation.decoding import DecodeConfig, decode_prompts
 
 # A refusal in the model's own words, read on the reply's opening (tests/fixtures/refusal_labelled.jsonl: replies of
 # many phrasings and traps). Quoted text is not the model speaking: a story's "I can't help you" is not a refusal.

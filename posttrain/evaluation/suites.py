@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.chat import prompt_and_answer_ids
-from posttrain.decoding import DecodeConfig
-from posttrain.scoring import exact_match, final_answer, generate, is_refusal, perplexity
+from posttrain.evaluation.chat import prompt_and_answer_ids
+from posttrain.evaluation.decoding import DecodeConfig
+from posttrain.evaluation.scoring import exact_match, final_answer, generate, is_refusal, perplexity
 
 SUITES = ("instruction", "cot", "harmful", "benign")
 
@@ -29,7 +29,7 @@ def score_model(model, tokenizer, suites: dict[str, list[dict]], corpus: list[st
     `cfg` gives max_new_tokens, batch_size, block_size and samples_per_suite (evaluate's or distill.eval).
     A rate over an empty suite is None (n/a), never 0. `generations`, if given, receives every suite's
     generations (suite -> list of str); `flags`, each rate's pass / fail per item (metric -> list of bool),
-    for intervals and paired tests (posttrain.stats).
+    for intervals and paired tests (posttrain.evaluation.stats).
     """
     gens = {s: generate(model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
                         decode, desc=f"suite {s}") for s, rows in suites.items()}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import StageError
-from posttrain.files import digest
+from posttrain.core.config import StageError
+from posttrain.core.files import digest
 
 
 def stage_outputs(params: dict) -> dict[str, str]:

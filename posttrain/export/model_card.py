@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.lineage import base_model_id
-from posttrain.markdown import markdown_table
+from posttrain.core.markdown import markdown_table
+from posttrain.export.lineage import base_model_id
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 CARD_METRICS = (("instruction_em", "exact_match"), ("cot_accuracy", "accuracy"), ("refusal_rate", "refusal_rate"),

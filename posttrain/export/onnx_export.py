@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.registry import ExportError
+from posttrain.export.registry import ExportError
 
 ONNX_FILE = "model.onnx"  # with model.onnx.data (the weights), export.json (the trace's metadata), config.json
 _CACHE_INPUT = re.compile(r"^input\.past_key_values\.layers\.(\d+)\.(keys|values)$")
@@ -47,7 +47,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, prompts: list[str], 
     from transformers.exporters import OnnxConfig, OnnxExporter
     from transformers.exporters.utils import decompose_for_generation
 
-    from posttrain.chat import encode_prompts
+    from posttrain.evaluation.chat import encode_prompts
 
     if len(prompts) < 2:
         raise ValueError(f"the trace needs at least 2 prompts (got {len(prompts)}): with one the graph's batch is 1")
@@ -165,7 +165,7 @@ def greedy_agreement(model, onnx_model: OnnxCausalLM, tokenizer, prompts: list[s
 
     Returns the prompt count, how many got the same tokens both ways, and the largest logit difference on the
     batched prompts' first forward."""
-    from posttrain.chat import encode_prompts
+    from posttrain.evaluation.chat import encode_prompts
 
     def both(chats):
         enc = encode_prompts(tokenizer, chats, "cpu")

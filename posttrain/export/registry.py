@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from posttrain.config import StageError
+from posttrain.core.config import StageError
 
 RUNTIME_PACKAGES = ("transformers", "torch", "tokenizers", "accelerate", "safetensors")
 

@@ -7,7 +7,7 @@ A small module after a decoder layer's sublayer output, before its residual add:
 `placement: houlsby` puts one after the attention and one after the MLP of every decoder layer, `pfeiffer`
 after the MLP only. `up` starts at zero, so the model starts unchanged; only the adapters train.
 Trainable parameters per insertion: 2 * hidden * width + width + hidden (weights and biases), width =
-hidden // reduction_factor (posttrain.memory.estimate counts them so).
+hidden // reduction_factor (posttrain.train.memory.estimate counts them so).
 
 Why not peft: peft 0.21 has no bottleneck adapter, and its experimental custom-LoRA-layer hook
 (`LoraConfig._register_custom_module`) is not written into adapter_config.json (a reader must register the
@@ -19,7 +19,7 @@ as they are), saved the way a peft adapter is:
     <out_dir>/adapter_config.json              peft_type BOTTLENECK, base_model_name_or_path, the settings
     <out_dir>/bottleneck_adapter.safetensors   layers.<i>.<attn|mlp>.<down|up>.<weight|bias>
 
-posttrain.models.load_model follows the chain as for peft adapters (`is_adapter_dir`, `base_of_adapter`), but
+posttrain.model.loading.load_model follows the chain as for peft adapters (`is_adapter_dir`, `base_of_adapter`), but
 cannot merge: the nonlinearity keeps a bottleneck out of any linear weight. A loaded bottleneck stays as a
 frozen module; a later stage may train another bottleneck or a LoRA-family adapter over it, not full/freeze.
 Writing such a model as plain weights (export, a reward backbone, align's full-method reference folder) is
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from posttrain.config import StageError
+from posttrain.core.config import StageError
 
 PEFT_TYPE = "BOTTLENECK"
 WEIGHTS = "bottleneck_adapter.safetensors"
@@ -163,7 +163,7 @@ def make_trainable(model, adapter, head: str | None = None):
 
 
 def point_at(model, base: str) -> None:
-    """The adapter being trained names `base` (what posttrain.models._point_adapter_at computes) as its base."""
+    """The adapter being trained names `base` (what posttrain.model.loading._point_adapter_at computes) as its base."""
     model.bottleneck_adapters[-1]["base_model_name_or_path"] = base
 
 
@@ -176,9 +176,9 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
             "this model carries a bottleneck adapter, which cannot be merged into plain weights (its nonlinearity "
             "sits between two projections), and a Hugging Face folder that loads it with transformers alone would "
             "need custom modelling code (trust_remote_code), which this pipeline does not ship. The adapter folder "
-            "(base + bottleneck_adapter.safetensors) loads with posttrain.models.load_model (evaluate, generate, "
-            "serve --model through posttrain); to export plain weights, train the last stage with lora / dora / "
-            "ia3 / full instead (docs/peft-search.md)")
+            "(base + bottleneck_adapter.safetensors) loads with posttrain.model.loading.load_model (evaluate, "
+            "generate, serve --model through posttrain); to export plain weights, train the last stage with lora / "
+            "dora / ia3 / full instead (docs/peft-search.md)")
     if not is_main_process:
         return
     from safetensors.torch import save_file

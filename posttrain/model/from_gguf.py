@@ -12,7 +12,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
-from posttrain.config import ConfigError
+from posttrain.core.config import ConfigError
 
 PKG_PREFIX = "pkg:"
 GGUF_PIN = "gguf==0.19.0"

@@ -72,7 +72,7 @@ def add_compact_lm_head(model) -> None:
         with torch.no_grad():  # metrics only (TRL detaches them)
             is_top1 = logits.argmax(-1) == targets
         log_softmax = torch.log_softmax(logits, dim=-1)
-        del logits  # at most two [rows, vocab] fp32 tensors alive at once (posttrain.plan counts them)
+        del logits  # at most two [rows, vocab] fp32 tensors alive at once (posttrain.train.plan counts them)
         target_log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             entropy = -log_softmax.exp().mul_(log_softmax).sum(-1)
@@ -86,7 +86,7 @@ def add_compact_lm_head(model) -> None:
                                    entropy=scatter(entropy), is_top1=scatter(is_top1), label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
-    model.loss_head = "compact"  # what posttrain.plan reads to estimate this head's memory
+    model.loss_head = "compact"  # what posttrain.train.plan reads to estimate this head's memory
 
 
 def set_loss_head(trainer, choice: str) -> str:

@@ -4,7 +4,7 @@ A stage's output folder holds either a full model (safetensors) or only a PEFT a
 `base_model_name_or_path` points at the folder it was trained on. `load_model` follows that chain
 (models/sft -> models/cpt -> models/base), merging LoRA-family adapters on the way, so any stage can
 load any earlier stage's result without keeping a second full copy on disk. A bottleneck adapter
-(posttrain.bottleneck, our own module in the same folder layout) is attached, never merged.
+(posttrain.model.bottleneck, our own module in the same folder layout) is attached, never merged.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from posttrain import bottleneck
-from posttrain.config import AdapterConfig, StageError
-from posttrain.files import missing_input, producer
+from posttrain.core.config import AdapterConfig, StageError
+from posttrain.core.files import missing_input, producer
+from posttrain.model import bottleneck
 
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
@@ -81,7 +81,7 @@ def load_model(path: str | Path, merge: bool = True, trust_remote_code: bool = F
 
     base_path = base_of_adapter(path)
     base = load_model(base_path, merge=True, trust_remote_code=trust_remote_code, dtype=dtype)
-    if bottleneck.is_bottleneck_dir(path):  # not mergeable: it stays as a frozen module (posttrain.bottleneck)
+    if bottleneck.is_bottleneck_dir(path):  # not mergeable: it stays as a frozen module (posttrain.model.bottleneck)
         if hasattr(base, "peft_config"):
             raise RuntimeError(f"{path}: a bottleneck adapter over a prompt-learning adapter is not supported")
         return bottleneck.load(base, path)
@@ -106,7 +106,7 @@ def base_of_adapter(adapter_dir: str | Path) -> str:
     return str(local.resolve()) if not Path(base).is_absolute() and local.exists() else base
 
 
-P_TUNING_ENCODER_HIDDEN = 64  # width of peft's MLP prompt encoder for method=p_tuning (posttrain.plan counts it)
+P_TUNING_ENCODER_HIDDEN = 64  # width of peft's MLP prompt encoder for method=p_tuning (posttrain.train.plan counts it)
 
 
 def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
@@ -114,7 +114,7 @@ def peft_config(adapter: AdapterConfig, task_type: str = "CAUSAL_LM"):
     import peft
 
     m = adapter.method
-    if m in ("full", "freeze", "bottleneck"):  # bottleneck: our own module, not peft (posttrain.bottleneck)
+    if m in ("full", "freeze", "bottleneck"):  # bottleneck: our own module, not peft (posttrain.model.bottleneck)
         return None
     if m == "qlora":
         require_qlora()

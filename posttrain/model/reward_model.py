@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from posttrain.config import ConfigError
-from posttrain.models import (base_of_adapter, is_adapter_dir, is_passthrough, load_model, load_tokenizer, local_path,
-                              passed_on, require_qlora)
-from posttrain.decoding import length_batches, progress
+from posttrain.core.config import ConfigError
+from posttrain.evaluation.decoding import length_batches, progress
+from posttrain.model.loading import (base_of_adapter, is_adapter_dir, is_passthrough, load_model, load_tokenizer,
+                                     local_path, passed_on, require_qlora)
 
 
 def sequence_classifier(path: str | Path, quantize: bool = False):
@@ -86,7 +86,7 @@ def pairwise(model, tokenizer, pairs: list[dict], batch_size: int, max_length: i
 
 def preference_rows(path: str) -> list[dict]:
     """Validated pairs {"prompt": messages, "chosen": str, "rejected": str}; bad rows raise DataError."""
-    from posttrain.readers import (
+    from posttrain.data.readers import (
         read_source,  # pandera: only the stages that read pairs pay its import
     )
 

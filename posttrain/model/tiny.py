@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.files import read_jsonl
+from posttrain.core.files import read_jsonl
 
 # ChatML-style; {% generation %} marks what the assistant says, for assistant-only losses.
 CHAT_TEMPLATE = (

@@ -1,12 +1,12 @@
 """Chat with any model of the lineage in the browser, and compare two of them blind: the arena.
 
-    python -m posttrain.arena                                   # every stage folder under models/ that exists
-    python -m posttrain.arena --models models/sft models/align models/distill
-    python -m posttrain.arena --models models/export models:/llm-lifecycle-student@candidate --port 7861
+    python -m posttrain.serving.arena                                   # every stage folder under models/ that exists
+    python -m posttrain.serving.arena --models models/sft models/align models/distill
+    python -m posttrain.serving.arena --models models/export models:/llm-lifecycle-student@candidate --port 7861
 
 A Gradio app on http://127.0.0.1:7860 (`--host`, `--port`) with two tabs:
 - Chat: multi-turn chat with one model, picked from `--models` or typed in (a stage's folder, models/export,
-  a Hugging Face id / path, or `models:/<name>@<alias>`; loaded by posttrain.generate.load).
+  a Hugging Face id / path, or `models:/<name>@<alias>`; loaded by posttrain.serving.generate.load).
 - Arena: one prompt, two different models of `--models` drawn at random and shown only as "Model A" and
   "Model B"; after both answers the user votes A, B, tie or both bad, and only then are the names shown.
 
@@ -37,9 +37,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from posttrain.generate import load
-from posttrain.runtime import set_seed
-from posttrain.stages_registry import names
+from posttrain.core.runtime import set_seed
+from posttrain.core.stages_registry import names
+from posttrain.serving.generate import load
 
 LINEAGE = names(chat_model=True)  # models/<stage> folders, upstream first
 VOTES = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
@@ -75,7 +75,8 @@ class Models:
 
 
 def _encode(tokenizer, messages: list[dict], max_new_tokens: int, limit: int | None):
-    """The chat prompt's ids; as posttrain.generate.reply, the oldest turns are dropped until it fits the context."""
+    """The chat prompt's ids; as posttrain.serving.generate.reply, the oldest turns are dropped until it fits the
+    context."""
     while True:
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
@@ -145,7 +146,7 @@ def _contract_problems(pair: dict) -> list[str]:
     """The preference schema's complaints about one pair (identical or empty answers), as the reader would say."""
     import pandas as pd
 
-    from posttrain.readers import validate_frame
+    from posttrain.data.readers import validate_frame
 
     df = pd.DataFrame([pair], columns=["prompt", "chosen", "rejected"], index=[1], dtype=object)
     return [p.message if p.column is None else f"{p.column}: {p.message}"
@@ -375,7 +376,7 @@ def quiet_network() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.arena", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.serving.arena", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=None,
                         help="stage folders, HF ids/paths or models:/<name>@<alias> (default: the models/<stage> "
                              f"folders that exist, of {', '.join(LINEAGE)})")

@@ -1,8 +1,8 @@
 """Generate from, or chat with, any stage's model.
 
-    python -m posttrain.generate --model models/sft "Count the words.\\n\\nblue fox gold"
-    python -m posttrain.generate --model models/distill --chat
-    python -m posttrain.generate --model models:/llm-lifecycle-student@candidate "What is 2 plus 3?"
+    python -m posttrain.serving.generate --model models/sft "Count the words.\\n\\nblue fox gold"
+    python -m posttrain.serving.generate --model models/distill --chat
+    python -m posttrain.serving.generate --model models:/llm-lifecycle-student@candidate "What is 2 plus 3?"
 
 `--model` is a stage's output folder (a full model or an adapter: adapter chains are followed and
 merged), a Hugging Face id / path, or an MLflow registry URI (`models:/<name>@<alias>` or
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.runtime import set_seed
+from posttrain.core.runtime import set_seed
 
 
 def load(ref: str):
@@ -28,14 +28,14 @@ def load(ref: str):
     if ref.startswith("models:/"):
         import mlflow
 
-        from posttrain.config import read_params
-        from posttrain.tracking import tracking_uri
+        from posttrain.core.config import read_params
+        from posttrain.core.tracking import tracking_uri
 
         configured = read_params().get("tracking", {}).get("uri", "") if Path("params.yaml").exists() else ""
         mlflow.set_tracking_uri(tracking_uri(configured))
         parts = mlflow.transformers.load_model(ref, return_type="components")
         return parts["model"], parts["tokenizer"]
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     if not Path(ref).exists() and ref.startswith(("models/", "./", "/")):
         raise SystemExit(f"{ref}: no such model folder (run the stage that writes it, e.g. dvc repro)")
@@ -89,7 +89,7 @@ def chat(model, tokenizer, args, stdin, stdout) -> list[str]:
 def main(argv: list[str] | None = None, stdin=None, stdout=None) -> list[str]:
     """Run the command; returns the answers (also printed)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    parser = argparse.ArgumentParser(prog="python -m posttrain.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.serving.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="*", help="user messages, each answered on its own")
     parser.add_argument("--model", required=True, help="stage folder, HF id/path, or models:/<name>@<alias>")
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")

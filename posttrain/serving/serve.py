@@ -1,10 +1,10 @@
 """Serve the promoted model over an OpenAI-compatible HTTP API: transformers' own server (`transformers serve`).
 
-    python -m posttrain.serve                                                # models/export on 127.0.0.1:8000
-    python -m posttrain.serve --model models:/llm-lifecycle-student@candidate --port 8001
-    python -m posttrain.serve --model models/align --continuous-batching
-    python -m posttrain.serve --model models:/llm-lifecycle-student@candidate --save DIR   # the folder it would serve
-    python -m posttrain.serve --check http://127.0.0.1:8000           # smoke-test a running server, exit 1 if bad
+    python -m posttrain.serving.serve                                                # models/export on 127.0.0.1:8000
+    python -m posttrain.serving.serve --model models:/llm-lifecycle-student@candidate --port 8001
+    python -m posttrain.serving.serve --model models/align --continuous-batching
+    python -m posttrain.serving.serve --model models:/llm-lifecycle-student@candidate --save DIR  # the folder it serves
+    python -m posttrain.serving.serve --check http://127.0.0.1:8000      # smoke-test a running server, exit 1 if bad
 
 Endpoints (transformers 5.23's FastAPI app, run by uvicorn): POST /v1/chat/completions (streamed with
 `"stream": true`, else one JSON answer), POST /v1/completions, GET /v1/models, GET /health. Any OpenAI client
@@ -51,8 +51,8 @@ class ServeError(SystemExit):
 
 
 def _tracking_uri() -> str:
-    from posttrain.config import read_params
-    from posttrain.tracking import tracking_uri
+    from posttrain.core.config import read_params
+    from posttrain.core.tracking import tracking_uri
 
     configured = read_params().get("tracking", {}).get("uri", "") if Path("params.yaml").exists() else ""
     return tracking_uri(configured)
@@ -92,7 +92,7 @@ def from_registry(ref: str, work: Path) -> Path:
 
 def merged(folder: str, work: Path) -> Path:
     """An adapter folder (or a switched-off stage's) merged into one plain folder under `work`."""
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     out = work / Path(folder).name
     load_model(folder).save_pretrained(out)
@@ -102,7 +102,7 @@ def merged(folder: str, work: Path) -> Path:
 
 def resolve(ref: str, work: Path) -> tuple[str, Path | None]:
     """(model id to serve, folder to run the server from or None for here): the id is a path transformers loads."""
-    from posttrain.models import is_adapter_dir, is_passthrough
+    from posttrain.model.loading import is_adapter_dir, is_passthrough
 
     if ref.startswith("models:/"):
         folder = from_registry(ref, work)
@@ -221,7 +221,7 @@ def save(ref: str, out: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m posttrain.serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m posttrain.serving.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a model folder or models:/<name>@<alias> (default {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in a container)")

@@ -1,11 +1,11 @@
 """depgraph: the repository's own import graph, and dvc.yaml's code deps generated from it.
 
-    python -m posttrain.depgraph            # rewrite each stage's code deps in dvc.yaml (data deps kept)
-    python -m posttrain.depgraph --check    # exit 1 and name the difference if dvc.yaml has drifted
+    python -m posttrain.tools.depgraph            # rewrite each stage's code deps in dvc.yaml (data deps kept)
+    python -m posttrain.tools.depgraph --check    # exit 1 and name the difference if dvc.yaml has drifted
 
 A stage's code deps are its module's import closure within the repository (every `import` in the file,
 function-level ones too), so editing a module re-runs exactly the stages that can execute it. The check also
-holds dvc.yaml to the stage registry (posttrain.stages_registry): the same stages, and each stage's `defaults.*`
+holds dvc.yaml to the stage registry (posttrain.core.stages_registry): the same stages, and each stage's `defaults.*`
 params the shared blocks the registry says it reads.
 """
 
@@ -111,7 +111,8 @@ def expected(root: Path, dvc_text: str) -> dict[str, list[str]]:
 
 
 def _is_code(dep: str) -> bool:
-    """A module or package folder of the repository; a package's data file (posttrain/templates/*.md) is a data dep."""
+    """A module or package folder of the repository; a package's data file (posttrain/export/templates/*.md) is a
+    data dep."""
     return dep.endswith(".py") or (dep.split("/")[0] in PACKAGES and "." not in dep.rsplit("/", 1)[-1])
 
 
@@ -130,14 +131,15 @@ def differences(root: Path, dvc_text: str) -> list[str]:
 
 
 def registry_differences(dvc_text: str) -> list[str]:
-    """Where dvc.yaml's stages or their `defaults.<block>` params disagree with posttrain.stages_registry."""
+    """Where dvc.yaml's stages or their `defaults.<block>` params disagree with posttrain.core.stages_registry."""
     import yaml
 
-    from posttrain.stages_registry import BY_NAME
+    from posttrain.core.stages_registry import BY_NAME
 
     stages = yaml.safe_load(dvc_text)["stages"]
-    problems = [f"{name}: in dvc.yaml, not in posttrain/stages_registry.py" for name in stages if name not in BY_NAME]
-    problems += [f"{name}: in posttrain/stages_registry.py, not in dvc.yaml" for name in BY_NAME if name not in stages]
+    registry = "posttrain/core/stages_registry.py"
+    problems = [f"{name}: in dvc.yaml, not in {registry}" for name in stages if name not in BY_NAME]
+    problems += [f"{name}: in {registry}, not in dvc.yaml" for name in BY_NAME if name not in stages]
     for name in (n for n in stages if n in BY_NAME):
         listed = {p.removeprefix("defaults.") for p in stages[name].get("params", [])
                   if isinstance(p, str) and p.startswith("defaults.")}
@@ -163,7 +165,7 @@ def rewrite(dvc_text: str, deps: dict[str, list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.depgraph", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.tools.depgraph", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     parser.add_argument("--dvc-file", default="dvc.yaml")
     args = parser.parse_args(argv)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(p)
         print("dvc.yaml's code deps equal each stage's import closure" if not problems else
-              f"{len(problems)} stage(s) differ: run python -m posttrain.depgraph")
+              f"{len(problems)} stage(s) differ: run python -m posttrain.tools.depgraph")
         return 1 if problems else 0
     dvc_file.write_text(rewrite(text, expected(root, text)))
     print(f"{dvc_file}: code deps written from the import graph")

@@ -1,8 +1,8 @@
 """search: a budgeted search over fine-tuning setups for one stage, each trial a DVC experiment.
 
-    python -m posttrain.search sft --trials 12                       # method x rank/reduction x targets x lr
-    python -m posttrain.search sft --trials 12 --max-trainable 50000 --apply
-    python -m posttrain.search sft --enqueue method=lora,rank=8,targets=all,lr=1e-3   # a setup tried first
+    python -m posttrain.tools.search sft --trials 12                       # method x rank/reduction x targets x lr
+    python -m posttrain.tools.search sft --trials 12 --max-trainable 50000 --apply
+    python -m posttrain.tools.search sft --enqueue method=lora,rank=8,targets=all,lr=1e-3   # a setup tried first
 
 Optuna (multi-objective, TPE) proposes a setup: `adapter.method` (lora / dora / ia3 / bottleneck / full),
 LoRA/DoRA rank or the bottleneck's reduction factor, the target modules (attn / mlp / all; for bottleneck
@@ -326,7 +326,7 @@ def apply(root: Path, stage: str, setup: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m posttrain.search", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m posttrain.tools.search", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", help="the stage to search (sft, cpt; others with --metric)")
     p.add_argument("--trials", type=int, default=12, help="trials in all, those done before a resume included")
     p.add_argument("--methods", default="lora,dora,ia3,bottleneck,full")

@@ -1,9 +1,9 @@
 """Team mode: PostgreSQL with an MLflow tracking server and a Prefect server on it, all on 127.0.0.1.
 
-    python -m posttrain.team up        # start the three (the first `up` creates the database cluster)
-    eval "$(python -m posttrain.team env)"   # MLFLOW_TRACKING_URI and PREFECT_API_URL for this shell
-    python -m posttrain.team status    # each service: running or not, its URL
-    python -m posttrain.team down      # stop them; the state stays for the next `up`
+    python -m posttrain.tools.team up        # start the three (the first `up` creates the database cluster)
+    eval "$(python -m posttrain.tools.team env)"   # MLFLOW_TRACKING_URI and PREFECT_API_URL for this shell
+    python -m posttrain.tools.team status    # each service: running or not, its URL
+    python -m posttrain.tools.team down      # stop them; the state stays for the next `up`
 
 Everything lives under one folder (`.team/` at the repo root unless `--state`): `postgres/` (the cluster),
 `artifacts/` (MLflow's artifact store, served through the MLflow server), `prefect/` (PREFECT_HOME), `logs/`
@@ -237,7 +237,7 @@ class Team:
         finally:
             pwfile.unlink()
         with open(self.pgdata / "postgresql.conf", "a") as conf:  # TCP on loopback only, no unix socket
-            conf.write(f"\n# posttrain.team\nlisten_addresses = '127.0.0.1'\nport = {info['ports']['postgres']}\n"
+            conf.write(f"\n# posttrain.tools.team\nlisten_addresses = '127.0.0.1'\nport = {info['ports']['postgres']}\n"
                        "unix_socket_directories = ''\n")
 
     def _postgres_running(self, info: dict) -> bool:
@@ -394,7 +394,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posttrain.team", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.tools.team", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--state", default=os.environ.get("TEAM_STATE", STATE),
                         help="the folder holding the database, artifacts, logs and team.json (default .team)")
@@ -418,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             status = team.status()
             if not status:
-                print(f"no team state in {team.state}: python -m posttrain.team up", file=sys.stderr)
+                print(f"no team state in {team.state}: python -m posttrain.tools.team up", file=sys.stderr)
                 return 1
             for name, s in status.items():
                 print(f"{name:9} {'running' if s['running'] else 'stopped':8} {s['url']}")
             return 0 if all(s["running"] for s in status.values()) else 3
         if not team.info():
-            print(f"no team state in {team.state}: python -m posttrain.team up", file=sys.stderr)
+            print(f"no team state in {team.state}: python -m posttrain.tools.team up", file=sys.stderr)
             return 1
         for key, value in team.env().items():  # up and env
             print(f"export {key}={value}")

@@ -10,12 +10,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import StageError
-from posttrain.distributed import cached_rows, split_work
-from posttrain.files import read_jsonl
-from posttrain.markdown import markdown_table
-from posttrain.scoring import answer_perplexity, generate, generation_speed
-from posttrain.suites import SUITES, score_model
+from posttrain.core.config import StageError
+from posttrain.core.files import read_jsonl
+from posttrain.core.markdown import markdown_table
+from posttrain.evaluation.scoring import answer_perplexity, generate, generation_speed
+from posttrain.evaluation.suites import SUITES, score_model
+from posttrain.train.distributed import cached_rows, split_work
 
 HIGHER_IS_BETTER = ("instruction_em", "cot_accuracy", "refusal_rate")
 

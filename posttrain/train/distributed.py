@@ -1,4 +1,4 @@
-"""Work before training, shared out over the processes of a multi-process launch (posttrain.launch).
+"""Work before training, shared out over the processes of a multi-process launch (posttrain.train.launch).
 
 The trainers shard their own batches. What a stage computes before it trains (the policy's samples to rank,
 rft's samples to check, the teacher's answers) is shared out here: each process takes its contiguous share
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from posttrain.files import is_main_process, read_jsonl, write_jsonl
+from posttrain.core.files import is_main_process, read_jsonl, write_jsonl
 
 TIMEOUT_S = 1800  # transformers' ddp_timeout default: a rank may wait this long for a slower one's share
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from posttrain.config import AdapterConfig
-from posttrain.models import apply_freeze, peft_config
-from posttrain.outputs import finish, pass_through
-from posttrain.runtime import set_seed
-from posttrain.tracking import stage_run
-from posttrain.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume
+from posttrain.core.config import AdapterConfig
+from posttrain.core.runtime import set_seed
+from posttrain.core.tracking import stage_run
+from posttrain.model.loading import apply_freeze, peft_config
+from posttrain.train.outputs import finish, pass_through
+from posttrain.train.training import clear_checkpoints, fingerprint, prepare_checkpoints, train_with_resume
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainingStage:
     resume: str | None = None  # the last complete checkpoint of these params and inputs, if any
 
     def pass_through(self, model: str | None) -> dict:
-        """Switched off: out_dir passes `model` on (posttrain.outputs.pass_through)."""
+        """Switched off: out_dir passes `model` on (posttrain.train.outputs.pass_through)."""
         return pass_through(self.name, self.cfg, model)
 
     def seed(self) -> None:
@@ -52,7 +52,7 @@ class TrainingStage:
 
     def checkpoints(self, inputs: dict[str, str | Path]) -> Path:
         """Find this run's checkpoint folder, fingerprinted by the config and `inputs`: a checkpoint made with
-        other params or data is refused (posttrain.training.prepare_checkpoints)."""
+        other params or data is refused (posttrain.train.training.prepare_checkpoints)."""
         self.inputs = inputs
         self.ckpt_dir, self.resume = prepare_checkpoints(self.name, fingerprint(self.cfg, inputs))
         return self.ckpt_dir
@@ -86,14 +86,14 @@ class TrainingStage:
 
     def finish(self, metrics: dict, **saved) -> dict:
         """Save the model (`saved`: trainer / model, tokenizer, base_path), log and write the metrics, drop the
-        checkpoints (posttrain.outputs.finish). Call it inside run() / tracked()."""
+        checkpoints (posttrain.train.outputs.finish). Call it inside run() / tracked()."""
         return finish(self.name, self.cfg, metrics, **saved)
 
 
 def make_trainable(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM", head: str | None = None,
                    trainer_applies_peft: bool = False):
     """The model as `adapter.method` trains it: freeze: all but the top layers frozen; a PEFT method: wrapped in
-    it (get_peft_model); bottleneck: frozen, with adapters attached (posttrain.bottleneck); full: as it is.
+    it (get_peft_model); bottleneck: frozen, with adapters attached (posttrain.model.bottleneck); full: as it is.
     `head` names a new module that always trains and, under PEFT, is saved with the adapter (the reward model's
     score head).
 
@@ -101,7 +101,7 @@ def make_trainable(model, adapter: AdapterConfig, task_type: str = "CAUSAL_LM", 
     preference and RL trainers, whose reference is then the model with the adapter off).
     """
     if adapter.method == "bottleneck":  # our own adapter module, not peft: the trainer gets no peft config
-        from posttrain import bottleneck
+        from posttrain.model import bottleneck
 
         model = bottleneck.make_trainable(model, adapter, head=head)
         return (model, None) if trainer_applies_peft else model

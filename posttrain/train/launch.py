@@ -2,20 +2,20 @@
 
 params.yaml `launch.config` is "" (one plain process: `python -m stages.sft` runs the stage itself) or an
 accelerate config file shipped in configs/accelerate/ (ddp.yaml, fsdp.yaml, deepspeed.yaml); every training
-stage (launchable in posttrain.stages_registry: `python -m stages.<stage>`, what dvc.yaml runs) then re-executes
-itself (posttrain.cli) as `accelerate launch --config_file <config> [--num_processes N] -m stages.<stage>`. On a
+stage (launchable in posttrain.core.stages_registry: `python -m stages.<stage>`, what dvc.yaml runs) then re-executes
+itself (posttrain.train.cli) as `accelerate launch --config_file <config> [--num_processes N] -m stages.<stage>`. On a
 machine without CUDA the DDP processes run on CPU and talk over gloo (ACCELERATE_USE_CPU=true); FSDP and DeepSpeed
 need CUDA GPUs (accelerate would quietly fall back to DDP on CPU, so the launcher refuses instead).
 Every process runs the stage's own `run(cfg)`: the trainer shards the data across ranks and all-reduces
-the gradients, the work before training is shared out (posttrain.distributed), and only the main process
-writes outputs, metrics and MLflow runs (posttrain.files.is_main_process).
+the gradients, the work before training is shared out (posttrain.train.distributed), and only the main process
+writes outputs, metrics and MLflow runs (posttrain.core.files.is_main_process).
 
 Several machines: every node runs this module with its own machine rank, and they meet at machine 0's
 address on launch.main_process_port, which must then be fixed (configs/slurm/multinode.sbatch does it
 under SLURM):
 
-    python -m posttrain.launch sft --num_machines 2 --machine_rank 0 --main_process_ip node0   # on node0
-    python -m posttrain.launch sft --num_machines 2 --machine_rank 1 --main_process_ip node0   # on node1
+    python -m posttrain.train.launch sft --num_machines 2 --machine_rank 0 --main_process_ip node0   # on node0
+    python -m posttrain.train.launch sft --num_machines 2 --machine_rank 1 --main_process_ip node0   # on node1
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import PARAMS_FILE, ConfigError, StageError, load_config
-from posttrain.stages_registry import names
+from posttrain.core.config import PARAMS_FILE, ConfigError, StageError, load_config
+from posttrain.core.stages_registry import names
 
 GPU_ONLY = ("FSDP", "DEEPSPEED")
 LAUNCHED = "POSTTRAIN_LAUNCHED"  # set in the processes accelerate starts: they run the stage, not launch again
@@ -120,11 +120,11 @@ def describe(cmd: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m posttrain.launch <stage> --num_machines N --machine_rank R --main_process_ip IP`: this node's part
-    of a run over several machines (one machine: `python -m stages.<stage>` launches itself)."""
+    """`python -m posttrain.train.launch <stage> --num_machines N --machine_rank R --main_process_ip IP`: this
+    node's part of a run over several machines (one machine: `python -m stages.<stage>` launches itself)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m posttrain.launch", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m posttrain.train.launch", description=main.__doc__)
     parser.add_argument("stage", choices=names(launchable=True))
     parser.add_argument("--num_machines", type=int, required=True)
     parser.add_argument("--machine_rank", type=int, required=True)

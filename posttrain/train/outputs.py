@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.files import atomic_dir, is_main_process, write_json
-from posttrain.models import save_model, save_trained, write_passthrough
-from posttrain.tracking import log_model_dir, log_stage_metrics, stage_run
-from posttrain.training import clear_checkpoints
+from posttrain.core.files import atomic_dir, is_main_process, write_json
+from posttrain.core.tracking import log_model_dir, log_stage_metrics, stage_run
+from posttrain.model.loading import save_model, save_trained, write_passthrough
+from posttrain.train.training import clear_checkpoints
 
 
 def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path: str | Path | None = None,
@@ -15,7 +15,7 @@ def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path
     """Inside the stage's MLflow run: save the model into `cfg.out_dir` in one rename, log the metrics and the
     model folder, write metrics/<stage>.json, then drop the stage's checkpoints (the run is complete).
 
-    With a `trainer`, its model is saved through the trainer's own save path (posttrain.models.save_trained),
+    With a `trainer`, its model is saved through the trainer's own save path (posttrain.model.loading.save_trained),
     which every process of a multi-process launch must call; else `model` (if given) with save_model.
     """
     if trainer is not None:
@@ -35,7 +35,7 @@ def finish(stage: str, cfg, metrics: dict, model=None, tokenizer=None, base_path
 
 def pass_through(stage: str, cfg, model: str | None) -> dict:
     """A stage switched off (`<stage>.enabled: false`): its out_dir names `model` instead of holding weights, so
-    every later stage loads the input through it (posttrain.models.local_path); metrics say `skipped`."""
+    every later stage loads the input through it (posttrain.model.loading.local_path); metrics say `skipped`."""
     metrics = {"skipped": True, "model": model}
     with stage_run(stage, cfg) as run:
         if run is not None:

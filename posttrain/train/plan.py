@@ -1,12 +1,12 @@
 """plan: estimate each training stage's peak memory before it runs, per fine-tuning method, and what fits a budget.
 
-    python -m posttrain.plan                          # this machine, every training stage in params.yaml
-    python -m posttrain.plan --device cuda --budget-gib 24 --stages sft --seq-len 1024
+    python -m posttrain.train.plan                          # this machine, every training stage in params.yaml
+    python -m posttrain.train.plan --device cuda --budget-gib 24 --stages sft --seq-len 1024
 
 Reads params.yaml (never writes): for each training stage, its model's shape (config.json of a built or
 Hugging Face model, or `base.tiny` before the base stage has run), precision, batch size, max_length and
 adapter settings. For every method (full, freeze, lora, qlora, dora, ia3, prompt/prefix/p-tuning,
-bottleneck) it prints the parts of posttrain.memory.estimate and the largest batch that fits `--budget-gib`.
+bottleneck) it prints the parts of posttrain.train.memory.estimate and the largest batch that fits `--budget-gib`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from posttrain.memory.estimate import METHODS, AdapterShape, Shape, estimate, max_batch, shape_of
-from posttrain.stages_registry import names
+from posttrain.core.stages_registry import names
+from posttrain.train.memory.estimate import METHODS, AdapterShape, Shape, estimate, max_batch, shape_of
 
 TRAINING_STAGES = names(trains=True)
 
@@ -37,7 +37,7 @@ def stage_model_shape_teacher(params: dict) -> Shape:
 
 
 def _shape_at(path: str, params: dict) -> tuple[Shape, str]:
-    from posttrain.models import is_adapter_dir, local_path
+    from posttrain.model.loading import is_adapter_dir, local_path
 
     local = Path(local_path(path))
     while local.exists() and is_adapter_dir(local):
@@ -76,7 +76,7 @@ def stage_kind(stage: str, section: dict) -> str:
 
 def resolve_for(device: str, precision: str) -> str:
     """precision as the stage would resolve it on `device` (auto: bf16 where it is native)."""
-    from posttrain.runtime import cpu_has_bf16
+    from posttrain.core.runtime import cpu_has_bf16
 
     if precision != "auto":
         return precision
@@ -85,8 +85,8 @@ def resolve_for(device: str, precision: str) -> str:
 
 def plan(params: dict, device: str, budget_gib: float, stages: list[str], seq_len: int | None,
          batch: int | None) -> list[dict]:
-    from posttrain.config import AdapterConfig, TrainConfig, build, stage_section
-    from posttrain.lm_head import resolve as resolve_loss_head
+    from posttrain.core.config import AdapterConfig, TrainConfig, build, stage_section
+    from posttrain.model.lm_head import resolve as resolve_loss_head
 
     rows = []
     for stage in stages:
@@ -128,9 +128,9 @@ def _gib(mib: float) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
-    from posttrain.config import read_params
+    from posttrain.core.config import read_params
 
-    parser = argparse.ArgumentParser(prog="python -m posttrain.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m posttrain.train.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="plan for this device (default: this machine's)")

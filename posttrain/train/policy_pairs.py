@@ -1,14 +1,14 @@
 """Policy pairs: preference pairs made from the model's own samples, ranked by a trained reward model.
 
 For each prompt the policy samples `generation.num_generations` replies; the reward model scores them, plus
-`verifiable_reward_weight` for a reply that matches the pair's chosen one (posttrain.verifiable.matches); the
+`verifiable_reward_weight` for a reply that matches the pair's chosen one (posttrain.data.verifiable.matches); the
 best and the worst become chosen and rejected when their rewards differ by more than `min_reward_gap`
 (on-policy pairs, as in iterative / rejection-sampling DPO). With `verified_pairs`, a prompt whose chosen reply has a
 checkable final answer ('#### N') gives a pair only from a right sample (chosen) and a wrong one (rejected), as in
 Iterative Reasoning Preference Optimization (Pang et al. 2024): the reward model never ranks a wrong answer over a
 right one there, so DPO does not push the model away from answers it got right. The pairs are cached next to the checkpoints, so a
 resumed run trains on the same ones; under a multi-process launch each process samples and scores its share of
-the prompts (posttrain.distributed).
+the prompts (posttrain.train.distributed).
 
 `cfg` is the preference stage's config: model, reward_model, train_file, min_reward_gap,
 verifiable_reward_weight, verified_pairs, generation (num_generations, max_completion_length, temperature, batch_size,
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.distributed import cached_rows, split_work
-from posttrain.models import load_model, load_tokenizer
-from posttrain.reward_model import load_reward_model, reward_scores
-from posttrain.scoring import final_answer, sample
-from posttrain.training import examples_needed
-from posttrain.verifiable import matches
+from posttrain.data.verifiable import matches
+from posttrain.evaluation.scoring import final_answer, sample
+from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.reward_model import load_reward_model, reward_scores
+from posttrain.train.distributed import cached_rows, split_work
+from posttrain.train.training import examples_needed
 
 
 def policy_pairs(cfg, rows: list[dict], cache: Path) -> tuple[list[dict], dict]:

@@ -4,7 +4,7 @@ align optimises against) and the judge stage (an independent one that evaluate s
 The backbone is a causal LM (the sft model by default, or any Hugging Face id / local path) turned into
 a sequence classifier with one output (`num_labels=1`): the scalar reward read at the last real token of
 prompt + reply under the chat template. Full, freeze or PEFT training; a PEFT run saves the adapter and
-the score head (`modules_to_save`), and `posttrain.reward_model.load_reward_model` rebuilds the scorer from
+the score head (`modules_to_save`), and `posttrain.model.reward_model.load_reward_model` rebuilds the scorer from
 either form. Metrics: pairwise accuracy and mean margin on the held-out pairs, before and after training.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.models import load_tokenizer, trainable_share
-from posttrain.reward_model import pairwise, preference_rows, sequence_classifier, trl_pairs
-from posttrain.training import trainer_args
+from posttrain.core.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.model.loading import load_tokenizer, trainable_share
+from posttrain.model.reward_model import pairwise, preference_rows, sequence_classifier, trl_pairs
+from posttrain.train.harness import TrainingStage, make_trainable
+from posttrain.train.training import trainer_args
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RewardTrainingConfig:
     tracking: TrackingConfig
     enabled: bool  # false: switched off, out_dir passes the input model on (no weights copied)
     model: str  # backbone: a stage's folder (adapter chains are merged), a Hugging Face id or a local path
-    train_file: str  # preference pairs, in any layout posttrain.readers reads (validated before training)
+    train_file: str  # preference pairs, in any layout posttrain.data.readers reads (validated before training)
     eval_file: str  # held-out pairs: pairwise accuracy and mean margin
     center_rewards_coefficient: float  # pulls rewards towards mean zero (0 = off)
     eval_batch_size: int

@@ -10,10 +10,10 @@ from typing import Literal
 
 import torch
 
-from posttrain.distillation import DistillError
-from posttrain.models import load_model, load_tokenizer
-from posttrain.runtime import set_seed
-from posttrain.tiny import TinyModelConfig, build_tiny_model
+from posttrain.core.runtime import set_seed
+from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.model.tiny import TinyModelConfig, build_tiny_model
+from posttrain.train.distillation import DistillError
 
 
 @dataclass(frozen=True)

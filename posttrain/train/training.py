@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
-from posttrain.config import TrainConfig
-from posttrain.distributed import main_first
-from posttrain.files import digest
-from posttrain.memory.measure import MemoryWindow
-from posttrain.runtime import resolve_precision, set_threads
+from posttrain.core.config import TrainConfig
+from posttrain.core.files import digest
+from posttrain.core.runtime import resolve_precision, set_threads
+from posttrain.train.distributed import main_first
+from posttrain.train.memory.measure import MemoryWindow
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -175,7 +175,7 @@ def train_with_resume(trainer, resume_from: str | None, runs_dir: str | Path | N
     """
     from transformers.integrations import TensorBoardCallback
 
-    from posttrain.runtime import peak_memory_mb
+    from posttrain.core.runtime import peak_memory_mb
 
     trainer.add_callback(_run_totals_callback(trainer))
     for cb in trainer.callback_handler.callbacks:

@@ -1,6 +1,6 @@
 """The memory estimate of a training step: weights, gradients, optimizer states, activations, LM head and (CPU)
 runtime, from a model's shape and the stage's settings; also read off a live trainer (`trainer_estimate`),
-which every training stage logs next to what it measured (posttrain.memory.measure).
+which every training stage logs next to what it measured (posttrain.train.memory.measure).
 
   weights    all parameters as loaded (fp32; qlora: 4-bit linear layers) + a frozen reference where TRL keeps one
   grads      fp32, trainable parameters only; with one micro-batch per step backward makes them as it frees the
@@ -49,7 +49,7 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: toke
 # Without Triton the LM head's backward folds each tile with torch ops: measured peak about 7.5 fp32 tile-sized
 # temporaries besides the tile buffer itself (8.0-10.2 tiles in all, fp32 and bf16, 4096 and 8192 tokens).
 CPU_TILE_COPIES = 7.5
-# loss_head=compact (posttrain.lm_head) at its peak (backward): the saved log-softmax, its gradient, the logits'
+# loss_head=compact (posttrain.model.lm_head) at its peak (backward): the saved log-softmax, its gradient, the logits'
 # gradient and its compute-dtype copy. Measured peak RSS per [labelled token x vocab] entry: 12.7 (bf16 autocast)
 # and 12.9 (fp32), 4096 and 8192 tokens x 8192 vocab.
 COMPACT_BYTES = 13
@@ -104,7 +104,7 @@ def shape_of(config) -> Shape:
 
 
 def trainable_params(shape: Shape, method: str, adapter) -> int:
-    """Parameters the optimizer updates for `method` (adapter: a posttrain.config.AdapterConfig or alike)."""
+    """Parameters the optimizer updates for `method` (adapter: a posttrain.core.config.AdapterConfig or alike)."""
     h, L = shape.hidden, shape.layers
     targets = [m for m in adapter.target_modules if m in shape.modules()]
     dims = [shape.modules()[m] for m in targets]
@@ -118,8 +118,8 @@ def trainable_params(shape: Shape, method: str, adapter) -> int:
         return n + (L * sum(b for _, b in dims) if method == "dora" else 0)  # DoRA: a magnitude per output
     if method == "ia3":
         return L * sum(a if m == "down_proj" else b for m, (a, b) in zip(targets, dims))
-    if method == "bottleneck":  # posttrain.bottleneck: down + up projections with biases per insertion
-        from posttrain.bottleneck import insertions, params_per_insertion
+    if method == "bottleneck":  # posttrain.model.bottleneck: down + up projections with biases per insertion
+        from posttrain.model.bottleneck import insertions, params_per_insertion
 
         return insertions(L, adapter.placement) * params_per_insertion(h, adapter.reduction_factor)
     if method == "prompt_tuning":
@@ -127,7 +127,7 @@ def trainable_params(shape: Shape, method: str, adapter) -> int:
     if method == "prefix_tuning":
         return adapter.num_virtual_tokens * 2 * L * shape.kv
     if method == "p_tuning":  # peft's MLP prompt encoder: h -> e -> e -> h, with biases
-        from posttrain.models import P_TUNING_ENCODER_HIDDEN as e
+        from posttrain.model.loading import P_TUNING_ENCODER_HIDDEN as e
 
         return adapter.num_virtual_tokens * h + (h * e + e) + (e * e + e) + (e * h + h)
     raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
@@ -150,7 +150,7 @@ def estimate(shape: Shape, *, method: str, adapter, precision: str, batch: int, 
     rejected in one batch, fused LM head), "reward" (pairs, a score head instead of the LM head), "online"
     (GRPO/RLOO: completions of max_length). extra_frozen_params: a frozen reference / teacher / reward model.
     total_params / trainable: exact counts when the model is at hand (the formula's otherwise).
-    loss_head: "fused" (TRL's tiled head) or "compact" (posttrain.lm_head: plain logits where a label is).
+    loss_head: "fused" (TRL's tiled head) or "compact" (posttrain.model.lm_head: plain logits where a label is).
     labelled_tokens: the most tokens with a label (SFT's completions) one batch can hold, which compact
     projects (default: every token of the batch).
     precision: the resolved one (fp32 | bf16 | fp16): half precision is autocast over fp32 weights.

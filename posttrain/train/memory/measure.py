@@ -1,4 +1,4 @@
-"""Measuring a training run's memory next to its estimate (posttrain.memory.estimate).
+"""Measuring a training run's memory next to its estimate (posttrain.train.memory.estimate).
 
 Every training stage logs the measured peaks beside the plan; see MemoryWindow.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 
 class MemoryWindow:
-    """The training run's measured peak next to posttrain.plan's estimate for it (metrics of every training stage).
+    """The training run's measured peak next to posttrain.train.plan's estimate for it (metrics of every training
+    stage).
 
     train_peak_memory_mb: CUDA max allocated during training; on CPU the peak RSS during training less the
     runtime baseline (RSS before training minus the models' own bytes), i.e. models + what training allocates,
@@ -35,13 +36,13 @@ class MemoryWindow:
         same overhead whatever its batch order (the throughput bench times stock TRL's random batches)."""
         import torch
 
-        from posttrain.memory.estimate import (
+        from posttrain.core.runtime import reset_peak_memory
+        from posttrain.train.memory.estimate import (
             MiB,
             module_bytes,
             resident_modules,
             trainer_estimate,
         )
-        from posttrain.runtime import reset_peak_memory
 
         try:
             self.plan_parts = trainer_estimate(trainer)  # by component: what a mismatch is read against
@@ -62,7 +63,7 @@ class MemoryWindow:
             _profile_longer_batches(self, trainer)
 
     def measured(self) -> float:
-        from posttrain.runtime import peak_memory_mb
+        from posttrain.core.runtime import peak_memory_mb
 
         return max(peak_memory_mb(), self.profiled_peak) - self.baseline
 
@@ -100,7 +101,7 @@ class _TensorWindow:
     def close(self):
         import gc
 
-        from posttrain.runtime import peak_memory_mb, reset_peak_memory
+        from posttrain.core.runtime import peak_memory_mb, reset_peak_memory
 
         window = self.window
         window.profiled_peak = max(window.profiled_peak, peak_memory_mb())
