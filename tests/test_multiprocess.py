@@ -137,9 +137,9 @@ def test_each_later_stage_trains_on_both_ranks_and_rank_zero_alone_writes(two_pr
 def test_generation_before_training_is_shared_out_and_gathered_in_order(two_process_stages):
     import mlflow
 
-    from posttrain.model.loading import load_model, load_tokenizer
     from posttrain.evaluation.decoding import DecodeConfig
     from posttrain.evaluation.scoring import generate
+    from posttrain.model.loading import load_model, load_tokenizer
 
     work, procs = two_process_stages["work"], two_process_stages["procs"]
     assert all(p.returncode == 0 for p in procs.values())
@@ -209,6 +209,37 @@ def test_launcher_commands_and_shipped_configs():
         if name != "ddp":  # accelerate has no FSDP / DeepSpeed over CPU processes; it would quietly run DDP
             with pytest.raises(ConfigError, match="needs CUDA GPUs"):
                 command(cfg, "sft", "params.yaml", cuda=False)
+
+
+def test_a_training_stage_re_executes_under_the_launcher_and_the_others_never_read_launch(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from posttrain.core import cli as stage_cli
+    from posttrain.train import cli as training_cli
+    from posttrain.train.launch import LAUNCHED
+
+    @dataclass(frozen=True)
+    class Section:
+        n: int
+
+    repo = Path(__file__).resolve().parent.parent
+    params = tmp_path / "params.yaml"
+    params.write_text(f"launch: {{config: {repo}/configs/accelerate/ddp.yaml, num_processes: 2, "
+                      "main_process_port: 0}\nx: {n: 1}\n")
+    execs, ran = [], []
+    monkeypatch.setattr(training_cli.os, "execve", lambda path, argv, env: execs.append((argv, env)))
+    monkeypatch.delenv(LAUNCHED, raising=False)
+    args = ["--params", str(params)]
+    assert stage_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {"n": cfg.n}, args) == {"n": 1}
+    training_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {}, args)  # not launchable: runs here
+    assert execs == [] and ran == [Section(1), Section(1)]
+    training_cli.run_stage("x", Section, lambda cfg: {}, args, launchable=True)
+    (argv, env), = execs
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and env[LAUNCHED] == "1"
+    assert argv[-4:] == ["-m", "stages.x", "--params", str(params)]
+    monkeypatch.setenv(LAUNCHED, "1")  # a process the launcher started runs the stage itself
+    training_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {}, args, launchable=True)
+    assert len(execs) == 1 and len(ran) == 3
 
 
 def test_multinode_command_and_the_slurm_script(tmp_path, monkeypatch):
