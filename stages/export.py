@@ -3,8 +3,8 @@
 The promotion gate (`gate`, posttrain.evaluation.gate) reads evaluate's table and per-item outcomes first: a model
 ships only when every rule passes (paired tests against the reference, floors, intervals). `model: auto` ships the
 best model of `gate.candidates` that passes, by `gate.primary`; a named folder ships only if it passes. When none
-passes the stage stops (exit 1) with the failed rules and their figures in reports/export.md, metrics/export.json and the MLflow
-run: nothing is written to `out_dir` and the registry alias stays where it was.
+passes the stage stops (exit 1) with the failed rules and their figures in reports/export.md, metrics/export.json and
+the MLflow run: nothing is written to `out_dir` and the registry alias stays where it was.
 
 The promoted model (adapter chains merged by posttrain.model.loading.load_model) is written to `out_dir`: safetensors
 weights, config, generation config, tokenizer with its chat template, and README.md, a Hugging Face model card
