@@ -1,4 +1,4 @@
-# The serving image: the promoted model baked in, served by `python -m posttrain.serve` (transformers' OpenAI-compatible
+# The serving image: the promoted model baked in, served by `python -m posttrain.serving.serve` (transformers' OpenAI-compatible
 # server) as a non-root user. Build it with `make image` (MODEL=models/export or models:/<name>@<alias>), which first
 # writes the resolved model folder to .image-model.tmp/ and afterwards smoke-tests the container (docs/serving.md):
 #
@@ -43,4 +43,4 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-ENTRYPOINT ["python", "-m", "posttrain.serve", "--model", "/models/export", "--host", "0.0.0.0", "--port", "8000"]
+ENTRYPOINT ["python", "-m", "posttrain.serving.serve", "--model", "/models/export", "--host", "0.0.0.0", "--port", "8000"]

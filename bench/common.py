@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.markdown import markdown_table
+from posttrain.core.markdown import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,7 +112,7 @@ def build_with_stages(work: Path, stages: list[str], overrides: dict, profile: s
     `overrides`; returns models/base."""
     import yaml
 
-    from posttrain.config import overlaid, read_params
+    from posttrain.core.config import overlaid, read_params
 
     params = read_params(REPO / "params.yaml")
     if profile != "default":  # laid over here and written out whole

@@ -35,7 +35,7 @@ from bench.common import build_with_stages, load, machine, median, table  # noqa
 
 
 def workloads(work: Path, params: dict, max_per_suite: int, rft_prompts: int) -> dict[str, dict]:
-    from posttrain.files import read_jsonl
+    from posttrain.core.files import read_jsonl
     from stages.rft import checkable
 
     ev, rft = params["evaluate"], params["rft"]
@@ -53,8 +53,8 @@ def workloads(work: Path, params: dict, max_per_suite: int, rft_prompts: int) ->
 
 def plain(model, tokenizer, batch_size: int, w: dict) -> tuple[list[list[str]], int]:
     """(answers, new tokens): model.generate on `batch_size` prompts at a time in file order (1: a prompt at a time)."""
-    from posttrain.chat import encode_prompts
-    from posttrain.decoding import until_stop
+    from posttrain.evaluation.chat import encode_prompts
+    from posttrain.evaluation.decoding import until_stop
 
     out, tokens = [], 0
     sampling = {"do_sample": True, "temperature": w["temperature"], "top_k": 0, "top_p": 1.0} if w["temperature"] else {}
@@ -71,7 +71,7 @@ def plain(model, tokenizer, batch_size: int, w: dict) -> tuple[list[list[str]], 
 
 def ours(model, tokenizer, decode, w: dict) -> tuple[list[list[str]], int]:
     """(answers, new tokens) through the stages' decoding path."""
-    from posttrain.decoding import decode_prompts
+    from posttrain.evaluation.decoding import decode_prompts
 
     stats = {}
     out = decode_prompts(model, tokenizer, w["prompts"], w["max_new_tokens"], w["batch_size"], decode,
@@ -96,9 +96,9 @@ def main(argv=None):
     import torch
     import yaml
 
-    from posttrain.config import overlaid, read_params
-    from posttrain.decoding import DecodeConfig
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.core.config import overlaid, read_params
+    from posttrain.evaluation.decoding import DecodeConfig
+    from posttrain.model.loading import load_model, load_tokenizer
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -85,7 +85,8 @@ def summarise(records: list[dict], dvc_wall: float) -> tuple[list[list], dict]:
     rows, totals = [], {k: 0.0 for k in [*OVERHEAD, "launcher", *COMPUTE, "other", "wall"]}
     for name, r in sorted(stages.items(), key=lambda kv: kv[1]["start"]):
         ph = r["phases"]
-        # posttrain.cli execs an accelerate launch in its own process (os.execve): its few ms before that land in DVC's share
+        # posttrain.train.cli execs an accelerate launch in its own process (os.execve): its few ms before that land
+        # in DVC's share
         launcher = launchers[name]["wall_s"] - r["wall_s"] if name in launchers else 0.0
         wall = r["wall_s"] + launcher
         # interpreter start before the timer loads: counted with the imports
@@ -149,7 +150,8 @@ def main(argv=None):
     print(f"\ndvc repro: {wall:.1f} s (load after {load_after})\n")
     print(table(["stage", "wall s", "imports", "config", "mlflow", "model load/save", "checkpoints",
                  "train", "eval", "generate", "other compute", "overhead"], rows))
-    print(f"\ngenerating (posttrain.scoring generate/sample, reward scoring): {summary['phases_s']['generate']:.1f} s, "
+    print("\ngenerating (posttrain.evaluation.scoring generate/sample, reward scoring): "
+          f"{summary['phases_s']['generate']:.1f} s, "
           f"{summary['generate_share_pct']:.1f} % of the stages' wall time")
     print(f"\nDVC bookkeeping (DVC's wall less its stage processes'): {summary['dvc_bookkeeping_s']:.1f} s")
     print(f"orchestration overhead: {summary['overhead_s']:.1f} s of {summary['dvc_repro_wall_s']:.1f} s = "

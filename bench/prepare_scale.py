@@ -58,9 +58,9 @@ def tokenise(stage: str, params: dict) -> tuple[int, float]:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from posttrain.config import load_config
-    from posttrain.files import read_jsonl
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.core.config import load_config
+    from posttrain.core.files import read_jsonl
+    from posttrain.model.loading import load_model, load_tokenizer
     from stages import cpt, sft
 
     module, cls = (sft, sft.SFTStageConfig) if stage == "sft" else (cpt, cpt.CPTConfig)
@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
-    from posttrain.config import load_config
+    from posttrain.core.config import load_config
     from stages import base, prepare, sample
 
     out_json = Path(a.json).resolve() if a.json else None

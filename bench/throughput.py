@@ -8,7 +8,7 @@
 Each variant trains SFT (and CPT) with TRL's SFTTrainer for N steps in a fresh process of its own (clean
 peak memory), interleaved with the other variants and repeated; the table gives medians of real (non-pad)
 tokens per second, the achieved training FLOP/s (6 x params x tokens/s), MFU where the device has a known
-peak, and peak memory next to posttrain.plan's estimate. Tokens/s and MFU are given over the whole run and after
+peak, and peak memory next to posttrain.train.plan's estimate. Tokens/s and MFU are given over the whole run and after
 the first --warmup-steps (kernel compilation and autotuning on a GPU).
 
 Variants:
@@ -236,7 +236,7 @@ def set_override(params: dict, assignment: str) -> None:
 
 def ours_args(stage: str, out: str, steps: int, batch: int, max_length: int, overrides: list[str]):
     """The stage's own SFTConfig from params.yaml; the bench sets only steps, batch, length, logging, saving."""
-    from posttrain.config import load_config, read_params
+    from posttrain.core.config import load_config, read_params
     from stages import cpt, sft
 
     params = read_params(REPO / "params.yaml")
@@ -290,26 +290,26 @@ def worker(a) -> dict:
             settings = STOCK[a.variant]
         model = build_model(shape, a.seed)
         if a.variant.startswith("ours") and a.stage == "sft":  # the stage's attention choice (exact packing)
-            from posttrain.attention import set_attention
+            from posttrain.model.attention import set_attention
 
             settings["attention"] = set_attention(model, cfg.attention, cfg.packing)
         n_params = sum(p.numel() for p in model.parameters())
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=build_tokenizer())
         if a.variant.startswith("ours"):  # the stage's LM-head choice for the loss
-            from posttrain.lm_head import set_loss_head
+            from posttrain.model.lm_head import set_loss_head
 
             settings["loss_head"] = set_loss_head(trainer, cfg.loss_head)
-        from posttrain.memory.measure import MemoryWindow
+        from posttrain.train.memory.measure import MemoryWindow
 
         rss_before = rss_mb()
-        # resets the peak; holds posttrain.plan's estimate for this run. Only the first two steps are profiled, in
+        # resets the peak; holds posttrain.train.plan's estimate for this run. Only the first two steps are profiled, in
         # every variant: profiling later, longer batches would slow random-batch variants more than ours.
         memory = MemoryWindow(trainer, profile_longer_batches=False)
         clock = step_clock(trainer)
         trainer.add_callback(clock)
         if a.profile_dir:  # a few steps after the warm-up, outside the timed figures' interest: read, not compared
             name = f"{a.stage}-{a.variant}".replace("@", "-").replace("=", "-").replace(",", "-")
-            from posttrain.memory.measure import (
+            from posttrain.train.memory.measure import (
                 TENSOR_STEPS,  # the CPU memory window profiles those: one profiler at a time
             )
 
@@ -321,7 +321,7 @@ def worker(a) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
         tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
-    from posttrain.runtime import peak_memory_mb
+    from posttrain.core.runtime import peak_memory_mb
 
     tps = tokens / wall
     steady = steady_tokens_per_s(clock.marks, a.warmup_steps)

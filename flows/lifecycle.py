@@ -41,9 +41,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.dvc_cli import DvcFailed, dvc, dvc_stages, experiment_exists, overridden_params, plan, set_param_args
-from posttrain.config import TrackingConfig, build, read_params
-from posttrain.markdown import markdown_table
-from posttrain.tracking import flatten, lifecycle_run, tracking_uri
+from posttrain.core.config import TrackingConfig, build, read_params
+from posttrain.core.markdown import markdown_table
+from posttrain.core.tracking import flatten, lifecycle_run, tracking_uri
 
 LOCK_FILE = Path(".dvc/tmp/lifecycle.lock")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect.schedules import Cron
 
 from flows.lifecycle import lifecycle, orchestration_config, stage
-from posttrain.config import read_params
+from posttrain.core.config import read_params
 
 ENTRYPOINTS = {"lifecycle": "flows/lifecycle.py:lifecycle", "stage": "flows/lifecycle.py:stage"}
 

@@ -1,1 +1,2 @@
-"""The library beneath the stages (stages/): what they share, once, and the tools as entry points."""
+"""The library beneath the stages (stages/), by concern: core, data, model, train, evaluation, export, serving and
+tools (command-line tools)."""

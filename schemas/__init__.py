@@ -1,6 +1,6 @@
 """Data contracts: one pandera model per kind of data the lifecycle reads (see ARCHITECTURE.md).
 
-Each model validates the kind's canonical rows (what `posttrain.readers` turns every raw format into);
+Each model validates the kind's canonical rows (what `posttrain.data.readers` turns every raw format into);
 every check is named, so a failure report says which one failed.
 """
 

@@ -7,7 +7,7 @@
                  KL to the reference weighted by `beta`
 
 The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: the model's own samples,
-best and worst by the reward model, right over wrong where checkable (posttrain/policy_pairs.py).
+best and worst by the reward model, right over wrong where checkable (posttrain/train/policy_pairs.py).
 
 The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter into the
 weights first, so with a PEFT method the reference is those weights with the new adapter off (TRL's
@@ -21,16 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.cli import run_stage
-from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
-from posttrain.decoding import DecodeConfig
-from posttrain.distributed import main_first
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.models import is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path, trainable_share
-from posttrain.policy_pairs import policy_pairs
-from posttrain.reward_model import load_reward_model, preference_rows, require_reward_model, trl_pairs
-from posttrain.training import logged, trainer_args
-from posttrain.verifiable import prompt_rows, verifiable_reward
+from posttrain.core.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.data.verifiable import prompt_rows, verifiable_reward
+from posttrain.evaluation.decoding import DecodeConfig
+from posttrain.model.loading import (
+    is_adapter_dir,
+    load_for_training,
+    load_model,
+    load_tokenizer,
+    local_path,
+    trainable_share,
+)
+from posttrain.model.reward_model import load_reward_model, preference_rows, require_reward_model, trl_pairs
+from posttrain.train.cli import run_stage
+from posttrain.train.distributed import main_first
+from posttrain.train.harness import TrainingStage, make_trainable
+from posttrain.train.policy_pairs import policy_pairs
+from posttrain.train.training import logged, trainer_args
 
 STAGE = "align"
 OFFLINE = ("dpo", "kto", "orpo")

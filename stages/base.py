@@ -2,7 +2,7 @@
 
 `source: tiny` (the embedded default) trains a byte-level BPE tokenizer on the prepared text and
 builds a small Llama-architecture model from `base.tiny`; a `.gguf` file (a path, or
-`pkg:<package>/<file>.gguf` inside an installed package) is dequantized once (posttrain.from_gguf); any
+`pkg:<package>/<file>.gguf` inside an installed package) is dequantized once (posttrain.model.from_gguf); any
 other `source` is a Hugging Face id or local path, loaded offline-safe as safetensors (trust_remote_code
 only when set). Either way the result is a plain Hugging Face folder with a chat template and a
 generation config that stops at the tokenizer's eos, so every later stage loads it the same way.
@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.cli import run_stage
-from posttrain.config import ConfigError, TrackingConfig
-from posttrain.files import atomic_dir, check_model_folder, digest, missing_input, write_json
-from posttrain.from_gguf import is_gguf_source, load_gguf, resolve
-from posttrain.runtime import set_seed
-from posttrain.tiny import CHAT_TEMPLATE, TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
-from posttrain.tracking import log_model_dir, log_stage_metrics, stage_run
+from posttrain.core.cli import run_stage
+from posttrain.core.config import ConfigError, TrackingConfig
+from posttrain.core.files import atomic_dir, check_model_folder, digest, missing_input, write_json
+from posttrain.core.runtime import set_seed
+from posttrain.core.tracking import log_model_dir, log_stage_metrics, stage_run
+from posttrain.model.from_gguf import is_gguf_source, load_gguf, resolve
+from posttrain.model.tiny import CHAT_TEMPLATE, TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
 
 
 @dataclass(frozen=True)

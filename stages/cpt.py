@@ -8,15 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.cli import run_stage
-from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.files import require_rows
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
-from posttrain.lm_head import set_loss_head
-from posttrain.models import load_for_training, load_tokenizer, trainable_share
-from posttrain.scoring import perplexity
-from posttrain.training import trainer_args
+from posttrain.core.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.core.files import require_rows
+from posttrain.evaluation.scoring import perplexity
+from posttrain.model.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
+from posttrain.model.lm_head import set_loss_head
+from posttrain.model.loading import load_for_training, load_tokenizer, trainable_share
+from posttrain.train.cli import run_stage
+from posttrain.train.harness import TrainingStage, make_trainable
+from posttrain.train.training import trainer_args
 
 STAGE = "cpt"
 

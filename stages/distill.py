@@ -9,8 +9,8 @@ with steps on the teacher's answers (DistillationTrainer has no off-policy mix i
 
 The student is `student.source: tiny` (a smaller Llama from `student.tiny`, sharing the teacher's
 tokenizer; `init: teacher` starts it from the teacher's embeddings and evenly spaced layers) or any
-Hugging Face id / local path (posttrain/student_init.py). Teacher and student are then scored side by side on
-the evaluate suites (posttrain/distillation.py):
+Hugging Face id / local path (posttrain/train/student_init.py). Teacher and student are then scored side by side on
+the evaluate suites (posttrain/train/distillation.py):
 the student's scores, its share of the teacher's, the parameter ratio, agreement with the teacher,
 the perplexity of the teacher's answers under the student (trained and untrained) and generation
 tokens/s of both, measured in the same run on the same prompts.
@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posttrain.cli import run_stage
-from posttrain.config import TrackingConfig, TrainConfig
-from posttrain.decoding import DecodeConfig
-from posttrain.distillation import DistillError, SuiteConfig, compare, prompt_key, teacher_answers, write_report
-from posttrain.files import is_main_process, read_jsonl
-from posttrain.harness import TrainingStage
-from posttrain.models import load_model, load_tokenizer
-from posttrain.student_init import StudentConfig, build_student, init_from_teacher  # noqa: F401 (tests import it here)
-from posttrain.suites import SUITES
-from posttrain.training import examples_needed, trainer_args
+from posttrain.core.config import TrackingConfig, TrainConfig
+from posttrain.core.files import is_main_process, read_jsonl
+from posttrain.evaluation.decoding import DecodeConfig
+from posttrain.evaluation.suites import SUITES
+from posttrain.model.loading import load_model, load_tokenizer
+from posttrain.train.cli import run_stage
+from posttrain.train.distillation import DistillError, SuiteConfig, compare, prompt_key, teacher_answers, write_report
+from posttrain.train.harness import TrainingStage
+from posttrain.train.student_init import StudentConfig, build_student, init_from_teacher  # noqa: F401 (tests)
+from posttrain.train.training import examples_needed, trainer_args
 
 STAGE = "distill"
 

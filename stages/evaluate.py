@@ -5,9 +5,9 @@ accuracy on chain-of-thought problems, refusal rate on harmful prompts and over-
 Preference (the held-out preference prompts, judged by the trained reward model): each model's mean
 reward, its win rate against the `reference` model (ties count half) and its KL to the reference
 along its own answers.
-Text scores of the instruction suite's answers: ROUGE-L, BLEU and token F1 (posttrain.textmetrics).
-Benchmarks (`benchmarks`, posttrain.benchmarks): lm-evaluation-harness tasks on local files in the benchmarks'
-published layouts (GSM8K, ARC, MMLU), a column each, with n and a 95 % Wilson interval.
+Text scores of the instruction suite's answers: ROUGE-L, BLEU and token F1 (posttrain.evaluation.textmetrics).
+Benchmarks (`benchmarks`, posttrain.evaluation.benchmarks): lm-evaluation-harness tasks on local files in the
+benchmarks' published layouts (GSM8K, ARC, MMLU), a column each, with n and a 95 % Wilson interval.
 Writes metrics/evaluate.json (dvc metrics), plots/evaluate.csv (dvc plots) and reports/evaluate.md
 (the table plus sample generations).
 """
@@ -18,20 +18,20 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.benchmarks import BenchmarkConfig, BenchmarkRunner
-from posttrain.cli import run_stage
-from posttrain.config import ConfigError, TrackingConfig
-from posttrain.decoding import DecodeConfig
-from posttrain.files import read_jsonl, write_json
-from posttrain.markdown import markdown_table
-from posttrain.models import load_model, load_tokenizer, local_path
-from posttrain.reward_model import has_reward_model, load_reward_model, reward_scores
-from posttrain.runtime import set_seed, set_threads
-from posttrain.scoring import generate
-from posttrain.stats import mcnemar, paired_bootstrap, rate
-from posttrain.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate, wins
-from posttrain.textmetrics import text_scores
-from posttrain.tracking import log_stage_metrics, stage_run
+from posttrain.core.cli import run_stage
+from posttrain.core.config import ConfigError, TrackingConfig
+from posttrain.core.files import read_jsonl, write_json
+from posttrain.core.markdown import markdown_table
+from posttrain.core.runtime import set_seed, set_threads
+from posttrain.core.tracking import log_stage_metrics, stage_run
+from posttrain.evaluation.benchmarks import BenchmarkConfig, BenchmarkRunner
+from posttrain.evaluation.decoding import DecodeConfig
+from posttrain.evaluation.scoring import generate
+from posttrain.evaluation.stats import mcnemar, paired_bootstrap, rate
+from posttrain.evaluation.suites import RATES, SUITES, kl_along, prefers_chosen, score_model, win_rate, wins
+from posttrain.evaluation.textmetrics import text_scores
+from posttrain.model.loading import load_model, load_tokenizer, local_path
+from posttrain.model.reward_model import has_reward_model, load_reward_model, reward_scores
 
 PREFERENCE = ("reward_score", "win_rate", "kl_to_ref")  # judged on the held-out preference prompts
 PAIRED = (*RATES, "prefers_chosen")  # rates over the same items for every model: McNemar against the reference
@@ -61,7 +61,7 @@ class EvaluateConfig:
     samples_per_suite: int  # generations shown in the report
     report: str
     items: str  # every model's per-item outcomes (pass/fail per suite item, win/tie/loss per judged prompt): the
-    #             paired tests of export's promotion gate (posttrain.gate) read them
+    #             paired tests of export's promotion gate (posttrain.evaluation.gate) read them
     plot: str
     reward_model: str  # judges every model's answers to the held-out preference prompts
     reward_max_length: int  # the judge reads the last this many tokens of prompt + answer

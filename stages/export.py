@@ -1,14 +1,14 @@
 """export: the promoted model as a plain Hugging Face folder with a model card, registered in MLflow.
 
-The promotion gate (`gate`, posttrain.gate) reads evaluate's table and per-item outcomes first: a model ships only
-when every rule passes (paired tests against the reference, floors, intervals). `model: auto` ships the best model
-of `gate.candidates` that passes, by `gate.primary`; a named folder ships only if it passes. When none passes the
-stage stops (exit 1) with the failed rules and their figures in reports/export.md, metrics/export.json and the MLflow
-run: nothing is written to `out_dir` and the registry alias stays where it was.
+The promotion gate (`gate`, posttrain.evaluation.gate) reads evaluate's table and per-item outcomes first: a model
+ships only when every rule passes (paired tests against the reference, floors, intervals). `model: auto` ships the
+best model of `gate.candidates` that passes, by `gate.primary`; a named folder ships only if it passes. When none
+passes the stage stops (exit 1) with the failed rules and their figures in reports/export.md, metrics/export.json and
+the MLflow run: nothing is written to `out_dir` and the registry alias stays where it was.
 
-The promoted model (adapter chains merged by posttrain.models.load_model) is written to `out_dir`: safetensors
+The promoted model (adapter chains merged by posttrain.model.loading.load_model) is written to `out_dir`: safetensors
 weights, config, generation config, tokenizer with its chat template, and README.md, a Hugging Face model card
-(posttrain.model_card) with the lineage, the gate's verdict, digests of the data, every stage's params and the
+(posttrain.export.model_card) with the lineage, the gate's verdict, digests of the data, every stage's params and the
 evaluate table. It is logged with MLflow's transformers flavour as a new version of `registry.name`;
 `registry.alias` moves to it, tagged with the git commit and the hash of dvc.lock. With `onnx.enabled`, the folder
 also holds `onnx.dir`: the merged model as one ONNX graph whose greedy answers onnxruntime must give token for token
@@ -21,17 +21,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.cli import run_stage
-from posttrain.config import TrackingConfig, read_params
-from posttrain.files import atomic_dir, digest, git_commit, write_json
-from posttrain.gate import GateConfig, check_config, decide, rule_lines, summary_lines
-from posttrain.lineage import data_digests, dvc_lock_hash, lineage
-from posttrain.model_card import model_card
-from posttrain.models import is_adapter_dir, load_model, load_tokenizer
-from posttrain.onnx_export import check_onnx_config, write_onnx
-from posttrain.registry import ExportError, alias_version, register
-from posttrain.runtime import set_seed
-from posttrain.tracking import lifecycle_id, log_stage_metrics, stage_run
+from posttrain.core.cli import run_stage
+from posttrain.core.config import TrackingConfig, read_params
+from posttrain.core.files import atomic_dir, digest, git_commit, write_json
+from posttrain.core.runtime import set_seed
+from posttrain.core.tracking import lifecycle_id, log_stage_metrics, stage_run
+from posttrain.evaluation.gate import GateConfig, check_config, decide, rule_lines, summary_lines
+from posttrain.export.lineage import data_digests, dvc_lock_hash, lineage
+from posttrain.export.model_card import model_card
+from posttrain.export.onnx_export import check_onnx_config, write_onnx
+from posttrain.export.registry import ExportError, alias_version, register
+from posttrain.model.loading import is_adapter_dir, load_model, load_tokenizer
 
 AUTO = "auto"
 
@@ -41,7 +41,7 @@ class ExportConfig:
     seed: int
     tracking: TrackingConfig
     model: str  # auto: the best model of gate.candidates that passes the gate | a folder of evaluate.models
-    gate: GateConfig  # what a model must show in evaluate's results to ship (posttrain.gate)
+    gate: GateConfig  # what a model must show in evaluate's results to ship (posttrain.evaluation.gate)
     params_file: str  # the params whose every section the card lists (this file)
     data_dirs: list[str]  # digested file by file into the card
     evaluate_metrics: str  # metrics/evaluate.json: the table the gate reads and the card shows

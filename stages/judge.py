@@ -1,14 +1,14 @@
 """judge: an independent reward model that evaluate scores every model's answers with (reward_score, win_rate).
 
-Trained like reward (posttrain/reward_training.py) but on a disjoint part of the preference pairs
+Trained like reward (posttrain/train/reward_training.py) but on a disjoint part of the preference pairs
 (prepare's preference_judge.jsonl), which neither reward nor align ever sees: the aligned policy is never
 judged by the model it was trained against.
 """
 
 from __future__ import annotations
 
-from posttrain.cli import run_stage
-from posttrain.reward_training import RewardTrainingConfig, train_reward_model
+from posttrain.train.cli import run_stage
+from posttrain.train.reward_training import RewardTrainingConfig, train_reward_model
 
 STAGE = "judge"
 

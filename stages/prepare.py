@@ -2,13 +2,13 @@
 
     python -m stages.prepare [--params params.yaml]
 
-1. read and validate every source (posttrain.readers, schemas/), renaming its columns where it maps them:
+1. read and validate every source (posttrain.data.readers, schemas/), renaming its columns where it maps them:
    with on_bad_rows=stop one bad row stops the stage, with a report naming file, row, column and check,
    before anything is written; with drop the bad rows are left out and listed in rejects.jsonl, unless a
    source's share of them exceeds max_bad_share (then it stops, as with stop);
 2. dedupe within each kind by normalised content: the prompt (the text for the corpus) lowercased, with
-   punctuation and whitespace folded and numbers kept (posttrain.overlap.normalise_text), first kept;
-3. split each kind into train / eval by each source's `split` (posttrain/splitting.py): `auto` (the default) by
+   punctuation and whitespace folded and numbers kept (posttrain.data.overlap.normalise_text), first kept;
+3. split each kind into train / eval by each source's `split` (posttrain/data/splitting.py): `auto` (the default) by
    a seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
    heldout_* files); `train` every row trained on. At most max_eval_per_suite rows of a kind are held out:
    auto rows beyond it go to train, eval-only rows are left out (never trained on);
@@ -16,7 +16,7 @@
 5. drop from the corpus train split every document that contains an eval prompt, normalised: any
    decontaminate.ngram-gram of it, or the whole prompt when it is shorter (GPT-3's 13-gram check);
 6. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
-   repeating examples only where a kind has too few (posttrain/mixing.py);
+   repeating examples only where a kind has too few (posttrain/data/mixing.py);
 7. measure what is left: the n-gram overlap (overlap_ngrams) between the training files (sft_train,
    preference_train, corpus_train, prompts) and each eval suite;
 8. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
@@ -39,13 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from posttrain.cli import run_stage
-from posttrain.config import ConfigError, TrackingConfig
-from posttrain.files import atomic_dir, write_json, write_jsonl
-from posttrain.mixing import build_mixture, mixture_counts, outputs  # noqa: F401 (tests import mixture_counts here)
-from posttrain.readers import read_sources
-from posttrain.splitting import decontaminate, dedupe, judge_part, key_of, overlap_report, prompt_of, split, text_of
-from posttrain.tracking import log_stage_metrics, stage_run
+from posttrain.core.cli import run_stage
+from posttrain.core.config import ConfigError, TrackingConfig
+from posttrain.core.files import atomic_dir, write_json, write_jsonl
+from posttrain.core.tracking import log_stage_metrics, stage_run
+from posttrain.data.mixing import build_mixture, mixture_counts, outputs  # noqa: F401 (tests import mixture_counts)
+from posttrain.data.readers import read_sources
+from posttrain.data.splitting import (
+    decontaminate,
+    dedupe,
+    judge_part,
+    key_of,
+    overlap_report,
+    prompt_of,
+    split,
+    text_of,
+)
 
 SFT_KINDS = ("instruction", "refusal", "cot")
 SPLIT_KINDS = ("corpus", "instruction", "refusal", "cot", "preference")  # prompts are not split

@@ -1,10 +1,10 @@
 """reward: the reward model align optimises against (policy pairs, GRPO / RLOO), trained on the preference
-pairs with TRL's RewardTrainer (posttrain/reward_training.py). Metrics: held-out pairwise accuracy and margin."""
+pairs with TRL's RewardTrainer (posttrain/train/reward_training.py). Metrics: held-out pairwise accuracy and margin."""
 
 from __future__ import annotations
 
-from posttrain.cli import run_stage
-from posttrain.reward_training import RewardTrainingConfig, train_reward_model
+from posttrain.train.cli import run_stage
+from posttrain.train.reward_training import RewardTrainingConfig, train_reward_model
 
 STAGE = "reward"
 

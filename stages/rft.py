@@ -2,7 +2,7 @@
 
 1. take the chain-of-thought prompts of the SFT training data (completion ends in '#### <answer>');
 2. sample `num_samples` completions per prompt from the sft model (temperature sampling; under a multi-process
-   launch each process samples its share of the prompts, posttrain.distributed);
+   launch each process samples its share of the prompts, posttrain.train.distributed);
 3. keep the completions whose final answer is right (each distinct one once);
 4. fine-tune the sft model on them, with `replay` mixture rows per kept sample so that the other skills of the
    mixture are not trained away, with TRL's SFTTrainer (loss on the completion).
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.cli import run_stage
-from posttrain.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
-from posttrain.decoding import DecodeConfig
-from posttrain.distributed import cached_rows, split_work
-from posttrain.files import read_jsonl
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.models import load_for_training, load_tokenizer, trainable_share
-from posttrain.scoring import final_answer, generate, sample
-from posttrain.training import trainer_args
+from posttrain.core.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
+from posttrain.core.files import read_jsonl
+from posttrain.evaluation.decoding import DecodeConfig
+from posttrain.evaluation.scoring import final_answer, generate, sample
+from posttrain.model.loading import load_for_training, load_tokenizer, trainable_share
+from posttrain.train.cli import run_stage
+from posttrain.train.distributed import cached_rows, split_work
+from posttrain.train.harness import TrainingStage, make_trainable
+from posttrain.train.training import trainer_args
 
 STAGE = "rft"
 

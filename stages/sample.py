@@ -1,5 +1,5 @@
 """sample: writes the sample data, a seeded set of every kind of raw data the lifecycle reads
-(posttrain/sample_data.py generates it).
+(posttrain/data/sample_data.py generates it).
 
 Files come in the formats people have (alpaca JSON, sharegpt JSONL, OpenAI messages JSONL, prompt/response JSONL,
 GSM8K-style CSV, whole-transcript and prompt/chosen/rejected preference pairs, Parquet prompts) so `prepare`
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from posttrain.cli import run_stage
-from posttrain.config import TrackingConfig
-from posttrain.files import atomic_dir, write_json, write_jsonl
-from posttrain.sample_data import (HOWTO, REFUSAL, corpus_doc, harmful_act, howto_prompt,  # noqa: F401 (HOWTO: tests)
-                                   instruction, preference, task, word_problem, write_heldout)
-from posttrain.tracking import log_stage_metrics, stage_run
+from posttrain.core.cli import run_stage
+from posttrain.core.config import TrackingConfig
+from posttrain.core.files import atomic_dir, write_json, write_jsonl
+from posttrain.core.tracking import log_stage_metrics, stage_run
+from posttrain.data.sample_data import (HOWTO, REFUSAL, corpus_doc, harmful_act,  # noqa: F401 (HOWTO: tests)
+                                        howto_prompt, instruction, preference, task, word_problem, write_heldout)
 
 STAGE = "sample"
 

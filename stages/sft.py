@@ -2,7 +2,7 @@
 
 The data is in TRL's conversational prompt-completion form, so the chat template is applied and the
 loss falls on the completion only. `adapter.method` picks full / freeze / a PEFT method; PEFT runs
-save only the adapter, which later stages load through posttrain.models.load_model.
+save only the adapter, which later stages load through posttrain.model.loading.load_model.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.attention import resolve as resolve_attention, set_attention
-from posttrain.cli import run_stage
-from posttrain.config import AdapterConfig, TrackingConfig, TrainConfig
-from posttrain.files import require_rows
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
-from posttrain.lm_head import set_loss_head
-from posttrain.models import load_for_training, load_tokenizer, trainable_share
-from posttrain.training import trainer_args
+from posttrain.core.config import AdapterConfig, TrackingConfig, TrainConfig
+from posttrain.core.files import require_rows
+from posttrain.model.attention import resolve as resolve_attention, set_attention
+from posttrain.model.kernels import resolve as resolve_kernels, trainer_kwargs as kernel_kwargs
+from posttrain.model.lm_head import set_loss_head
+from posttrain.model.loading import load_for_training, load_tokenizer, trainable_share
+from posttrain.train.cli import run_stage
+from posttrain.train.harness import TrainingStage, make_trainable
+from posttrain.train.training import trainer_args
 
 STAGE = "sft"
 

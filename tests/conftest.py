@@ -55,8 +55,8 @@ TINY = {
 
 
 def tiny_params(**overrides) -> dict:
-    """params.yaml with TINY and then `overrides` laid over it (posttrain.config.overlaid), a copy of its own."""
-    from posttrain.config import overlaid
+    """params.yaml with TINY and then `overrides` laid over it (posttrain.core.config.overlaid), a copy of its own."""
+    from posttrain.core.config import overlaid
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = overlaid(params, {k: v for k, v in TINY.items() if k in params})
@@ -82,7 +82,7 @@ def run_in_process(name: str, workdir: Path):
     import importlib
     import typing
 
-    from posttrain.config import load_config
+    from posttrain.core.config import load_config
 
     module = importlib.import_module(f"stages.{name}")
     cls = typing.get_type_hints(module.run)["cfg"]  # the stage's config class: what its run() takes
@@ -99,7 +99,7 @@ def write_evaluation(workdir: Path, outcomes: dict[str, dict[str, list]], extra:
     ({model: {metric: [1, 0, ...], "win_rate": [1.0, 0.5, ...]}}) and scalar `extra` columns (perplexity, params)."""
     import json
 
-    from posttrain.stats import rate
+    from posttrain.evaluation.stats import rate
 
     table = {}
     for name, metrics in outcomes.items():

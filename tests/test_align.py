@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.config import ConfigError, load_config
-from posttrain.readers import DataError
+from posttrain.core.config import ConfigError, load_config
+from posttrain.data.readers import DataError
 
 
 def workdir_from(src: Path, path: Path, **overrides) -> Path:
@@ -93,7 +93,7 @@ def test_policy_pairs_are_the_models_samples_ranked_by_the_reward_model(trained,
 
 
 def test_policy_pairs_keep_only_prompts_the_reward_model_tells_apart(trained, tmp_path):
-    from posttrain.reward_model import preference_rows
+    from posttrain.model.reward_model import preference_rows
     from stages.align import AlignConfig, policy_pairs
 
     wd = workdir_from(trained, tmp_path / "wd", align={"pairs": "policy", "min_reward_gap": 1e6})
@@ -153,7 +153,7 @@ def trainer_for(wd: Path, monkeypatch, adapter: str):
 def test_lora_reference_is_the_sft_model_with_the_adapter_off_and_no_copy(lora_chain, monkeypatch):
     from trl.trainer.utils import use_adapter
 
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     trainer = trainer_for(lora_chain, monkeypatch, "lora")
     sft, cpt = load_model("models/sft"), load_model("models/cpt")
@@ -174,7 +174,7 @@ def test_lora_reference_is_the_sft_model_with_the_adapter_off_and_no_copy(lora_c
 
 
 def test_full_reference_is_the_merged_sft_model(lora_chain, monkeypatch):
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     trainer = trainer_for(lora_chain, monkeypatch, "full")
     enc = batch(load_tokenizer("models/sft"), Path("data/pairs.jsonl"))
@@ -185,8 +185,8 @@ def test_full_reference_is_the_merged_sft_model(lora_chain, monkeypatch):
 
 
 def test_align_stage_chains_its_adapter_onto_sft_without_touching_it(lora_chain, tmp_path):
-    from posttrain.files import digest
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.core.files import digest
+    from posttrain.model.loading import load_model, load_tokenizer
 
     wd = workdir_from(lora_chain, tmp_path / "wd", sft={"adapter": {"method": "lora"}},
                       align={"method": "dpo", **OFFLINE})
@@ -269,8 +269,8 @@ def test_win_rate_interval_and_sign_test():
 
 
 def test_win_rate_counts_ties_half_and_kl_of_a_model_to_itself_is_zero(lifecycle):
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.suites import kl_along, win_rate
+    from posttrain.evaluation.suites import kl_along, win_rate
+    from posttrain.model.loading import load_model, load_tokenizer
 
     assert win_rate([1.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 1.0]) == 0.625
     wd = lifecycle["workdir"]

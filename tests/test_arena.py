@@ -1,6 +1,6 @@
 """arena: a Gradio chat and blind A/B arena over the lineage's models; votes become preference data `prepare` reads.
 
-The browser test starts the real command (`python -m posttrain.arena`) on a free localhost port with the tiny
+The browser test starts the real command (`python -m posttrain.serving.arena`) on a free localhost port with the tiny
 lifecycle's models and drives Debian's chromium through chromedriver (selenium, no browser download): the
 arena's two replies, a vote and its row in the votes file, then a chat turn.
 """
@@ -34,10 +34,10 @@ ROUND = {"prompt": "What is 1 plus 2?", "model_a": "models/sft", "model_b": "mod
 
 
 def test_a_streamed_reply_ends_as_generate_s_reply(lifecycle):
-    from posttrain.arena import stream_reply
-    from posttrain.generate import reply
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.runtime import set_seed
+    from posttrain.core.runtime import set_seed
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.serving.arena import stream_reply
+    from posttrain.serving.generate import reply
 
     sft = lifecycle["workdir"] / "models/sft"
     model, tok = load_model(sft), load_tokenizer(sft)
@@ -51,8 +51,8 @@ def test_a_streamed_reply_ends_as_generate_s_reply(lifecycle):
 
 
 def test_votes_are_preference_pairs_prepare_reads_and_ties_go_aside(tmp_path):
-    from posttrain.arena import VoteLog
-    from posttrain.readers import read_source
+    from posttrain.data.readers import read_source
+    from posttrain.serving.arena import VoteLog
 
     votes, ties = tmp_path / "feedback/arena.jsonl", tmp_path / "feedback/arena_ties.jsonl"
     log = VoteLog(votes, ties)
@@ -82,7 +82,7 @@ def test_votes_are_preference_pairs_prepare_reads_and_ties_go_aside(tmp_path):
 
 
 def test_a_torn_last_line_is_moved_aside_and_a_whole_one_kept(tmp_path):
-    from posttrain.arena import VoteLog
+    from posttrain.serving.arena import VoteLog
 
     votes, ties = tmp_path / "arena.jsonl", tmp_path / "ties.jsonl"
     whole = json.dumps({"prompt": "kept", "chosen": "x", "rejected": "y"})
@@ -105,7 +105,7 @@ def test_a_torn_last_line_is_moved_aside_and_a_whole_one_kept(tmp_path):
 
 
 def test_bad_invocations_explain_themselves(tmp_path, monkeypatch):
-    from posttrain.arena import main
+    from posttrain.serving.arena import main
 
     monkeypatch.chdir(tmp_path)  # no models/ here
     with pytest.raises(SystemExit) as e:
@@ -163,14 +163,14 @@ def test_arena_and_chat_in_a_headless_browser(lifecycle, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from posttrain.readers import read_source
+    from posttrain.data.readers import read_source
 
     workdir = lifecycle["workdir"]
     votes, ties, log = tmp_path / "votes.jsonl", tmp_path / "ties.jsonl", tmp_path / "app.log"
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    command = [sys.executable, "-m", "posttrain.arena", "--models", "models/sft", "models/cpt", "--votes", str(votes),
-               "--ties", str(ties), "--port", str(port), *SAMPLED]
+    command = [sys.executable, "-m", "posttrain.serving.arena", "--models", "models/sft", "models/cpt",
+               "--votes", str(votes), "--ties", str(ties), "--port", str(port), *SAMPLED]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)

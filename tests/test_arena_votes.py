@@ -30,7 +30,7 @@ ID = re.compile(r"\(vote `([0-9a-f]{32})`\)")
 
 
 def _arena(tmp_path: Path):
-    from posttrain.arena import Arena
+    from posttrain.serving.arena import Arena
 
     return Arena(Namespace(models=["models/sft", "models/cpt"], max_loaded=2, votes=tmp_path / "arena.jsonl",
                            ties=tmp_path / "arena_ties.jsonl", max_new_tokens=8, temperature=0.0, top_p=1.0))
@@ -66,7 +66,7 @@ def _on_disk(tmp_path: Path) -> list[dict]:
 
 
 def _check_exactly_once(tmp_path: Path, confirmed: list[str], expected: int) -> None:
-    from posttrain.readers import read_source
+    from posttrain.data.readers import read_source
 
     rows = _on_disk(tmp_path)
     assert len(confirmed) == len(set(confirmed)) == expected

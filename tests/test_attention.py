@@ -39,7 +39,7 @@ def _loss_and_grads(model, batch):
 def test_packed_batch_trains_exactly_like_the_padded_batch():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from posttrain.attention import set_attention, torch_varlen_problem
+    from posttrain.model.attention import set_attention, torch_varlen_problem
 
     rows = _examples()
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
@@ -63,7 +63,7 @@ def test_packed_batch_trains_exactly_like_the_padded_batch():
 def test_torch_varlen_packed_batch_trains_like_the_padded_batch_on_a_gpu():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from posttrain.attention import set_attention, torch_varlen_problem
+    from posttrain.model.attention import set_attention, torch_varlen_problem
 
     assert torch_varlen_problem() is None
     rows = _examples()
@@ -100,7 +100,7 @@ def test_torch_varlen_without_a_gpu_stops_sft_before_anything_is_written(lifecyc
 def test_torch_varlen_hands_a_cpu_models_packed_rows_to_sdpa_varlen():
     """On a GPU machine `auto` picks torch_varlen before the Trainer moves the model; a model still on the CPU
     (evaluated or scored there) must not reach the CUDA-only kernel (NotImplementedError on the H100)."""
-    from posttrain.attention import TORCH_VARLEN, register
+    from posttrain.model.attention import TORCH_VARLEN, register
 
     model = _model().eval()
     seqs = [torch.randint(3, 97, (n,)) for n in (7, 12, 4)]
@@ -116,7 +116,7 @@ def test_torch_varlen_hands_a_cpu_models_packed_rows_to_sdpa_varlen():
 
 
 def test_packed_rows_without_cu_seq_lens_are_split_by_position_ids():
-    from posttrain.attention import set_attention
+    from posttrain.model.attention import set_attention
 
     model = _model().eval()
     seqs = [torch.randint(3, 97, (n,)) for n in (7, 12, 4)]
@@ -131,7 +131,7 @@ def test_packed_rows_without_cu_seq_lens_are_split_by_position_ids():
 
 
 def test_generation_is_unchanged_by_the_switch():
-    from posttrain.attention import set_attention
+    from posttrain.model.attention import set_attention
 
     model = _model().eval()
     prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
@@ -143,7 +143,7 @@ def test_generation_is_unchanged_by_the_switch():
 
 
 def test_auto_without_packing_keeps_stock_sdpa():
-    from posttrain.attention import set_attention
+    from posttrain.model.attention import set_attention
 
     model = _model()
     assert set_attention(model, "auto", packing=False) == "sdpa"
@@ -151,7 +151,7 @@ def test_auto_without_packing_keeps_stock_sdpa():
 
 
 def test_an_unknown_attention_is_refused_at_load(tmp_path):
-    from posttrain.config import ConfigError, load_config
+    from posttrain.core.config import ConfigError, load_config
     from stages.sft import SFTStageConfig
 
     workdir = make_workdir(tmp_path / "w", tiny_params(sft={"attention": "flash"}))
@@ -162,7 +162,7 @@ def test_an_unknown_attention_is_refused_at_load(tmp_path):
 def test_sft_stage_with_packing_trains_and_saves_a_loadable_model(lifecycle, tmp_path):
     import shutil
 
-    from posttrain.models import load_model
+    from posttrain.model.loading import load_model
 
     workdir = make_workdir(tmp_path / "w", tiny_params(sft={"packing": True, "out_dir": "models/sft_packed"}))
     shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)

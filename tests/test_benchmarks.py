@@ -1,5 +1,5 @@
-"""Public benchmarks through lm-evaluation-harness on local files (posttrain.benchmarks), and the instruction suite's
-text scores (posttrain.textmetrics).
+"""Public benchmarks through lm-evaluation-harness on local files (posttrain.evaluation.benchmarks), and the
+instruction suite's text scores (posttrain.evaluation.textmetrics).
 
 A tiny random Llama runs the real lm-eval tasks on our own items written in GSM8K, ARC and MMLU layouts
 (tests/fixtures/benchmarks/); stand-ins whose outputs are forced by a hook score known values, so a scoring that
@@ -17,12 +17,12 @@ import torch
 import yaml
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.benchmarks import EMBEDDED, BenchmarkConfig, BenchmarkRunner, check, embedded_rows
-from posttrain.config import ConfigError, load_config
-from posttrain.files import read_jsonl, write_jsonl
-from posttrain.models import write_passthrough
-from posttrain.scoring import final_answer
-from posttrain.textmetrics import bleu, rouge_l, text_scores, token_f1
+from posttrain.core.config import ConfigError, load_config
+from posttrain.core.files import read_jsonl, write_jsonl
+from posttrain.evaluation.benchmarks import EMBEDDED, BenchmarkConfig, BenchmarkRunner, check, embedded_rows
+from posttrain.evaluation.scoring import final_answer
+from posttrain.evaluation.textmetrics import bleu, rouge_l, text_scores, token_f1
+from posttrain.model.loading import write_passthrough
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 GSM8K, ARC, ARC_AI2, MMLU = (str(FIXTURES / f) for f in ("gsm8k.jsonl", "arc.jsonl", "arc_ai2.jsonl", "mmlu.jsonl"))
@@ -32,7 +32,7 @@ KEYS = {"metric", "value", "n", "low", "high", "stderr"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 2-layer Llama (width 32) with a byte-level BPE trained on the fixtures' text and our ChatML template."""
-    from posttrain.tiny import TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
+    from posttrain.model.tiny import TinyModelConfig, TokenizerConfig, build_tiny_model, train_tokenizer
 
     text = tmp_path_factory.mktemp("tok") / "text.jsonl"
     write_jsonl(text, [{"text": json.dumps(r)} for f in (GSM8K, ARC, MMLU) for r in read_jsonl(f)])
@@ -145,7 +145,7 @@ def test_lm_eval_exact_match_agrees_with_our_final_answer_parser_on_the_same_gen
 def test_chat_template_switch_reaches_lm_eval_and_a_model_without_one_is_named(tiny, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from posttrain.config import StageError
+    from posttrain.core.config import StageError
 
     model, tokenizer = tiny
     rendered = []

@@ -1,4 +1,4 @@
-"""adapter.method=bottleneck (posttrain.bottleneck): the count the planner uses, an unchanged model at the start,
+"""adapter.method=bottleneck (posttrain.model.bottleneck): the count the planner uses, an unchanged model at the start,
 save/reload with the same logits, the Trainer's resume, the sft stage on the tiny lineage, a later stage over the
 chain, and the refusals (full over a bottleneck, plain weights for export)."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain import bottleneck
-from posttrain.config import AdapterConfig, StageError
-from posttrain.harness import make_trainable
-from posttrain.memory.estimate import shape_of, trainable_params
-from posttrain.models import is_adapter_dir, load_for_training, load_model, load_tokenizer
+from posttrain.core.config import AdapterConfig, StageError
+from posttrain.model import bottleneck
+from posttrain.model.loading import is_adapter_dir, load_for_training, load_model, load_tokenizer
+from posttrain.train.harness import make_trainable
+from posttrain.train.memory.estimate import shape_of, trainable_params
 
 ADAPTER = AdapterConfig(method="bottleneck", freeze_train_top_k=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "v_proj"], num_virtual_tokens=4, reduction_factor=4,

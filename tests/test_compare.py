@@ -1,4 +1,5 @@
-"""`python -m posttrain.compare`: lifecycles side by side from a real MLflow store, written the way the stages write it."""
+"""`python -m posttrain.evaluation.compare`: lifecycles side by side from a real MLflow store, written the way the
+stages write it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 from conftest import tiny_params
 
-from posttrain.config import TrackingConfig
+from posttrain.core.config import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class FakeStageConfig:  # what a stage's config carries into stage_run
 
 def lifecycle(workdir, monkeypatch, method: str, em: float, share: float, flow_metrics: dict | None = None) -> None:
     """One `dvc repro`-style lifecycle (LIFECYCLE_ID from git commit + params.yaml): an sft and an evaluate run."""
-    from posttrain.tracking import lifecycle_id, log_stage_metrics, stage_run
+    from posttrain.core.tracking import lifecycle_id, log_stage_metrics, stage_run
 
     params = tiny_params(sft={"adapter": {"method": method}})
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -42,7 +43,7 @@ def lifecycle(workdir, monkeypatch, method: str, em: float, share: float, flow_m
 
 
 def test_last_lifecycles_side_by_side_with_differing_params(tmp_path, monkeypatch, capsys):
-    from posttrain.compare import main
+    from posttrain.evaluation.compare import main
 
     monkeypatch.chdir(tmp_path)
     lifecycle(tmp_path, monkeypatch, "full", em=0.10, share=1.0)
@@ -61,7 +62,7 @@ def test_last_lifecycles_side_by_side_with_differing_params(tmp_path, monkeypatc
 
 
 def test_no_lifecycles_says_where_it_looked(tmp_path, monkeypatch):
-    from posttrain.compare import main
+    from posttrain.evaluation.compare import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))

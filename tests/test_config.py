@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import ConfigError, TrainConfig, build, load_config, read_params, stage_section
+from posttrain.core.config import ConfigError, TrainConfig, build, load_config, read_params, stage_section
 from stages.cpt import CPTConfig
 from stages.sft import SFTStageConfig
 
@@ -103,7 +103,7 @@ def test_cli_exits_nonzero_with_the_message(tmp_path):
 def test_half_precision_without_the_hardware_stops_with_a_clear_message():
     import torch
 
-    from posttrain.runtime import cpu_has_bf16, resolve_precision
+    from posttrain.core.runtime import cpu_has_bf16, resolve_precision
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -116,7 +116,7 @@ def test_half_precision_without_the_hardware_stops_with_a_clear_message():
 
 
 def test_a_profile_is_laid_over_params_key_by_key(tmp_path):
-    from posttrain.config import read_params
+    from posttrain.core.config import read_params
 
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "small.yaml").write_text("sft: {train: {max_steps: 3}, adapter: {method: lora}}\n")
@@ -130,7 +130,7 @@ def test_a_profile_is_laid_over_params_key_by_key(tmp_path):
 
 
 def test_an_unknown_profile_or_one_that_sets_profile_is_refused(tmp_path):
-    from posttrain.config import read_params
+    from posttrain.core.config import read_params
 
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "default.yaml").write_text("{}\n")
@@ -148,7 +148,7 @@ def test_the_real_profile_builds_every_stage_config():
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert params["profile"] == "default"
-    from posttrain.config import overlaid
+    from posttrain.core.config import overlaid
 
     real = overlaid(params, yaml.safe_load((REPO / "profiles" / "real.yaml").read_text()))
     for stage in DVC_STAGES:

@@ -1,12 +1,13 @@
-"""posttrain.decoding: the compact engine gives model.generate's greedy answers while finished rows leave the batch."""
+"""posttrain.evaluation.decoding: the compact engine gives model.generate's greedy answers while finished rows leave
+the batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
-from posttrain.decoding import DecodeConfig, compact_decode, decode_prompts, length_batches
+from posttrain.core.config import ConfigError, load_config
+from posttrain.evaluation.decoding import DecodeConfig, compact_decode, decode_prompts, length_batches
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_compact_greedy_equals_generate_and_drops_finished_rows(model):
 
 
 def test_sampling_is_seeded_and_gives_k_per_prompt(lifecycle):
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     sft = lifecycle["workdir"] / "models/sft"
     model, tok = load_model(sft), load_tokenizer(sft)

@@ -97,7 +97,7 @@ def test_logits_distillation_beats_an_untrained_student(teacher, tmp_path, share
 
 
 def test_eval_prompts_are_not_distilled(teacher, tmp_path):
-    from posttrain.config import load_config
+    from posttrain.core.config import load_config
     from stages.distill import DistillConfig, load_prompts
 
     wd = workdir_from(teacher, tmp_path / "wd", max_prompts=100000,
@@ -115,8 +115,8 @@ def test_eval_prompts_are_not_distilled(teacher, tmp_path):
 
 
 def test_student_initialised_from_the_teacher_copies_its_layers(teacher):
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.tiny import TinyModelConfig, build_tiny_model
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.model.tiny import TinyModelConfig, build_tiny_model
     from stages.distill import DistillError, init_from_teacher
 
     sft = teacher / "models/teacher"

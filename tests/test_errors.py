@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_params
-from posttrain.config import ConfigError, StageError, TrainConfig, build, read_params
-from posttrain.files import MissingInput, check_model_folder, digest, read_jsonl
-from posttrain.readers import DataError, read_source, read_sources
+from posttrain.core.config import ConfigError, StageError, TrainConfig, build, read_params
+from posttrain.core.files import MissingInput, check_model_folder, digest, read_jsonl
+from posttrain.data.readers import DataError, read_source, read_sources
 
 LATIN1 = '{"text": "caf\xe9 cr\xe8me"}\n'.encode("latin-1")
 BOM = b"\xef\xbb\xbf"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.config import ConfigError, load_config
+from posttrain.core.config import ConfigError, load_config
 
 
 def test_sft_logs_eval_loss_curves_to_mlflow_and_tensorboard(lifecycle, tmp_path):

@@ -61,7 +61,7 @@ def exported(lifecycle, tmp_path_factory):
 def test_export_is_a_merged_hf_model_that_reloads_and_generates(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.models import is_adapter_dir, load_model
+    from posttrain.model.loading import is_adapter_dir, load_model
 
     wd = exported["workdir"]
     out = wd / "models/export"
@@ -108,7 +108,7 @@ def test_registry_holds_each_export_as_a_version_with_alias_and_tags(exported):
 def test_model_card_lists_lineage_params_data_and_evaluation(exported):
     from huggingface_hub import ModelCard
 
-    from posttrain.files import digest
+    from posttrain.core.files import digest
 
     wd = exported["workdir"]
     card = ModelCard.load(wd / "models/export/README.md")
@@ -130,7 +130,7 @@ def test_model_card_lists_lineage_params_data_and_evaluation(exported):
 def test_generate_from_the_registry_matches_the_folder(exported, monkeypatch):
     from transformers import AutoTokenizer
 
-    from posttrain.generate import load, main
+    from posttrain.serving.generate import load, main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported["uri"])
     prompt = "Sort the numbers.\\n\\n3 1 2"
@@ -144,7 +144,7 @@ def test_generate_from_the_registry_matches_the_folder(exported, monkeypatch):
 
 
 def test_lineage_follows_teacher_and_model_links():
-    from posttrain.lineage import lineage
+    from posttrain.export.lineage import lineage
 
     params = {"base": {"source": "tiny", "out_dir": "models/base"},
               "sft": {"model": "models/base", "adapter": {"method": "lora"}, "out_dir": "models/sft"},

@@ -185,7 +185,7 @@ def test_one_mlflow_parent_per_flow_run_with_stage_runs_under_it(flow_run):
 
 
 def test_compare_reads_the_lifecycle_back(flow_run, monkeypatch):
-    from posttrain.compare import main
+    from posttrain.evaluation.compare import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", flow_run["uri"])
     text = main(["--last", "3", "--params", str(flow_run["repo"] / "params.yaml"), "--metrics", "sft.*loss"])

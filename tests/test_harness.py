@@ -1,4 +1,4 @@
-"""posttrain.harness: the training stages' shared life (checkpoints, clear-on-failure, the model made trainable).
+"""posttrain.train.harness: the training stages' shared life (checkpoints, clear-on-failure, the model made trainable).
 
 The stages' own tests (test_training, test_switches, test_methods, test_rft, test_reward, test_align,
 test_distill) run the harness end to end; these pin its parts on a two-layer model and an empty stage.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import AdapterConfig, TrackingConfig
-from posttrain.harness import TrainingStage, make_trainable
-from posttrain.stages_registry import names
+from posttrain.core.config import AdapterConfig, TrackingConfig
+from posttrain.core.stages_registry import names
+from posttrain.train.harness import TrainingStage, make_trainable
 
 
 @dataclass(frozen=True)

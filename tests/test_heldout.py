@@ -1,7 +1,7 @@
 """The eval suites are held out by content, not by string: sample + prepare on the default data (test size),
 then every eval item, and every row of the sample's eval-only files, is looked for in every training file.
 
-An item "occurs" in training when its normalised form (posttrain.overlap.normalise_text: lowercase, punctuation and
+An item "occurs" in training when its normalised form (posttrain.data.overlap.normalise_text: lowercase, punctuation and
 whitespace folded, numbers kept) is a run of whole tokens inside the normalised text of a training row: an
 equal prompt, a longer prompt it begins ("reverse the words red fox cat" in "... red fox cat moon"), a document
 quoting it.
@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import REPO, make_workdir, run_in_process
 
-from posttrain.files import read_jsonl
-from posttrain.overlap import normalise_text
-from posttrain.readers import read_source
+from posttrain.core.files import read_jsonl
+from posttrain.data.overlap import normalise_text
+from posttrain.data.readers import read_source
 from stages.sample import HOWTO
 
 TRAIN_FILES = ("sft_train.jsonl", "preference_train.jsonl", "corpus_train.jsonl", "prompts.jsonl")

@@ -11,7 +11,7 @@ from conftest import make_workdir, run_in_process, tiny_params
 
 
 def test_auto_keeps_torch_ops_where_liger_cannot_run():
-    from posttrain.kernels import liger_problem, resolve, trainer_kwargs
+    from posttrain.model.kernels import liger_problem, resolve, trainer_kwargs
 
     assert resolve("auto", "cpu") == "torch" and trainer_kwargs("torch") == {}
     assert resolve("torch", "cuda") == "torch"
@@ -30,7 +30,7 @@ def test_liger_asks_trl_for_the_layer_kernels_only():
     """TRL keeps its fused LM head (loss_head chooses it) only when liger's fused cross-entropy stays off."""
     from trl import SFTConfig
 
-    from posttrain.kernels import trainer_kwargs
+    from posttrain.model.kernels import trainer_kwargs
 
     args = SFTConfig(output_dir="unused", use_cpu=True, **trainer_kwargs("liger"))
     assert args.use_liger_kernel is True
@@ -71,8 +71,8 @@ def _train_three_steps(kernels: str, tmp_path):
     from trl import SFTTrainer
 
     from bench.throughput import SHAPES, build_dataset, build_model, build_tokenizer
-    from posttrain.attention import set_attention
-    from posttrain.config import load_config
+    from posttrain.core.config import load_config
+    from posttrain.model.attention import set_attention
     from stages import sft
 
     cfg = load_config("sft", sft.SFTStageConfig, params=tiny_params(sft={"packing": True, "kernels": kernels}))
@@ -102,7 +102,7 @@ def _packed_hidden_states(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton: CUDA only")
 def test_liger_trains_packed_batches_like_torch_ops_on_a_gpu(llama_module_restored, tmp_path):
-    from posttrain.kernels import liger_problem
+    from posttrain.model.kernels import liger_problem
 
     assert liger_problem() is None, liger_problem()
     torch_losses, torch_grad_norms, torch_model = _train_three_steps("torch", tmp_path)
@@ -123,7 +123,7 @@ def test_compile_trains_the_stage_compiled_and_saves_the_plain_model(lifecycle, 
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from posttrain.models import load_model
+    from posttrain.model.loading import load_model
 
     workdir = make_workdir(tmp_path / "w", tiny_params(**{stage: {"compile": True, "out_dir": f"models/{stage}_c"}}))
     shutil.copytree(lifecycle["workdir"] / "data", workdir / "data", dirs_exist_ok=True)

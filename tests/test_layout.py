@@ -1,6 +1,8 @@
 """The layout the code keeps: stages/ holds exactly the DVC stages, over the posttrain library, over schemas;
 no stage imports another, no private name crosses modules, no import cycle, and dvc.yaml's code deps are
-each stage's import closure. A normal stage run prints progress and results, not profiler noise."""
+each stage's import closure. posttrain/ is a handful of subpackages by concern with few top-level modules, and a
+stage's code deps hold only code it can run: the launcher only in the launchable stages, the memory planner only
+in the training ones. A normal stage run prints progress and results, not profiler noise."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import sys
 import yaml
 from conftest import REPO, make_workdir, tiny_params
 
-from posttrain import depgraph
+from posttrain.core.stages_registry import STAGES, names
+from posttrain.tools import depgraph
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
@@ -73,10 +76,77 @@ def test_dvc_code_deps_equal_each_stages_import_closure():
 
 
 def test_depgraph_names_a_drifted_dep_and_rewrites_it(tmp_path):
-    text = (REPO / "dvc.yaml").read_text().replace(" posttrain/lm_head.py,", "", 1)
+    text = (REPO / "dvc.yaml").read_text().replace(" posttrain/model/lm_head.py,", "", 1)
     problems = depgraph.differences(REPO, text)
-    assert problems and "posttrain/lm_head.py" in problems[0]
+    assert problems and "posttrain/model/lm_head.py" in problems[0]
     assert depgraph.differences(REPO, depgraph.rewrite(text, depgraph.expected(REPO, text))) == []
+
+
+SUBPACKAGES = {"core", "data", "model", "train", "evaluation", "export", "serving", "tools"}
+LAUNCHER = {"posttrain.train.launch"}  # re-executes a stage under accelerate launch
+MEMORY_PLANNER = {"posttrain.train.plan", "posttrain.train.memory", "posttrain.train.memory.estimate",
+                  "posttrain.train.memory.measure"}
+
+
+def test_posttrain_is_subpackages_by_concern_with_at_most_15_top_level_modules():
+    top = REPO / "posttrain"
+    modules = sorted(p.name for p in top.glob("*.py") if p.name != "__init__.py")
+    assert len(modules) <= 15, modules
+    # a folder left with only __pycache__ (a checkout from before the move) is no package
+    packages = {p.parent.name for p in top.glob("*/__init__.py")}
+    assert packages == SUBPACKAGES
+    for name in packages:
+        init = top / name / "__init__.py"
+        # docstring-only, so importing one module does not run the others (and it is no stage's code dep)
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                   for n in ast.parse(init.read_text()).body), init
+    for module in LAUNCHER | MEMORY_PLANNER:
+        assert depgraph.module_path(REPO, module) is not None, f"{module} moved: update this test"
+
+
+def misplaced_code(edges: dict[str, set[str]]) -> list[str]:
+    """Each stage that can execute code it never runs: the launcher where the registry says the stage is not
+    launchable, the memory planner where it says the stage does not train."""
+    problems = []
+    for stage in STAGES:
+        reach = depgraph.closure(edges, f"stages.{stage.name}")
+        if not stage.launchable and reach & LAUNCHER:
+            problems.append(f"{stage.name} imports the launcher {sorted(reach & LAUNCHER)}")
+        if not stage.trains and reach & MEMORY_PLANNER:
+            problems.append(f"{stage.name} imports the memory planner {sorted(reach & MEMORY_PLANNER)}")
+    return problems
+
+
+def test_each_stage_runs_only_code_it_can_use_the_launcher_and_memory_planner_stay_in_training():
+    assert {"sample", "prepare", "base", "evaluate", "export"} <= set(names(launchable=False))
+    assert set(names(launchable=False)) <= set(names(trains=False))
+    edges = depgraph.graph(REPO)
+    assert misplaced_code(edges) == []
+    # dvc.yaml says the same (its code deps are each closure: test_dvc_code_deps_equal_each_stages_import_closure)
+    files = {m: depgraph.module_path(REPO, m).relative_to(REPO).as_posix() for m in LAUNCHER | MEMORY_PLANNER}
+    for name, stage in DVC.items():
+        deps = {str(d) for d in stage["deps"]}
+        if name in names(launchable=False):
+            assert not deps & {files[m] for m in LAUNCHER}, name
+        if name in names(trains=False):
+            assert not deps & {files[m] for m in MEMORY_PLANNER}, name
+    # and the check is not vacuous: every training stage does reach both
+    for name in names(trains=True):
+        reach = depgraph.closure(edges, f"stages.{name}")
+        assert reach & LAUNCHER and reach & {"posttrain.train.memory.measure"}, name
+
+
+def test_re_adding_the_launcher_or_the_planner_to_shared_code_fails_the_check():
+    edges = depgraph.graph(REPO)
+    # the stage command line every stage imports, importing the launcher again (even inside a function)
+    edges["posttrain.core.cli"] = edges["posttrain.core.cli"] | {"posttrain.train.launch"}
+    assert set(misplaced_code(edges)) >= {f"{s} imports the launcher ['posttrain.train.launch']"
+                                           for s in ("sample", "prepare", "base", "evaluate", "export")}
+    edges = depgraph.graph(REPO)
+    edges["posttrain.model.loading"] = edges["posttrain.model.loading"] | {"posttrain.train.memory.estimate"}
+    problems = misplaced_code(edges)
+    assert any(p.startswith("evaluate imports the memory planner") for p in problems), problems
+    assert any(p.startswith("export imports the memory planner") for p in problems), problems
 
 
 def test_readme_is_short_and_its_docs_exist():

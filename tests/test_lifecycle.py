@@ -101,7 +101,7 @@ def test_an_arena_vote_makes_only_the_preference_stages_stale(repo):
     """A vote appended as the arena writes it: prepare takes it in, and of the training stages only the ones
     that read preference pairs are then stale (cpt and sft read none). README's `dvc exp run` (the next test)
     runs them."""
-    from posttrain.arena import VoteLog
+    from posttrain.serving.arena import VoteLog
 
     path = repo["path"]
     log = VoteLog(path / "data/feedback/arena.jsonl", path / "data/feedback/arena_ties.jsonl")

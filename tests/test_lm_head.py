@@ -29,7 +29,7 @@ def _batch(padding_free: bool):
 def test_compact_head_matches_trls_fused_head(padding_free):
     from trl.trainer.utils import add_fused_lm_head
 
-    from posttrain.lm_head import add_compact_lm_head
+    from posttrain.model.lm_head import add_compact_lm_head
 
     fused, compact = _model(), _model()
     for m in (fused, compact):
@@ -53,7 +53,7 @@ def test_compact_head_matches_trls_fused_head(padding_free):
 def test_compact_head_leaves_the_plain_forward_alone():
     from trl.trainer.utils import add_fused_lm_head
 
-    from posttrain.lm_head import add_compact_lm_head
+    from posttrain.model.lm_head import add_compact_lm_head
 
     model = _model().eval()
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -65,14 +65,14 @@ def test_compact_head_leaves_the_plain_forward_alone():
 
 
 def test_unknown_loss_head_is_refused():
-    from posttrain.lm_head import resolve
+    from posttrain.model.lm_head import resolve
 
     with pytest.raises(ValueError, match="loss_head must be one of"):
         resolve("liger")
 
 
 def test_auto_means_the_fused_kernel_on_a_gpu_and_compact_on_cpu():
-    from posttrain.lm_head import resolve
+    from posttrain.model.lm_head import resolve
 
     assert resolve("auto", "cuda") == "fused" and resolve("auto", "cpu") == "compact"
     assert resolve("fused", "cpu") == "fused" and resolve("compact", "cuda") == "compact"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.models import is_adapter_dir, load_model, load_tokenizer
+from posttrain.model.loading import is_adapter_dir, load_model, load_tokenizer
 
 METHODS = ["full", "freeze", "lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
 

@@ -28,7 +28,7 @@ COT = "data/cot.jsonl"
 MEMORISE = {"train_file": COT, "eval_file": COT, "out_dir": "models/memorised",
             "train": {"max_steps": 200, "learning_rate": 1e-2, "batch_size": 4, "save_steps": 200}}
 LATER = {
-    "reward": {"train": STEPS},  # judge trains with the same code (posttrain/reward_training.py): reward covers both
+    "reward": {"train": STEPS},  # judge trains with the same code (train/reward_training.py): reward covers both
     "align": {"generation": {"batch_size": 8}, "train": STEPS},  # pairs: policy, 2 steps x 4 rows x 2 ranks = 16 prompts
     "rft": {"model": "models/memorised", "train_file": COT, "max_prompts": 4, "num_samples": 4, "max_new_tokens": 64,
             "max_eval": 2, "train": STEPS},
@@ -63,7 +63,7 @@ def test_both_ranks_train_one_data_parallel_job(two_process_sft):
 def test_rank_zero_alone_writes_and_the_model_reloads(two_process_sft):
     import mlflow
 
-    from posttrain.models import load_model
+    from posttrain.model.loading import load_model
 
     work = two_process_sft["work"]
     assert two_process_sft["proc"].returncode == 0
@@ -100,8 +100,8 @@ def two_process_stages(lifecycle, tmp_path_factory):
 
 
 def _loads(work: Path, stage: str) -> int:
-    from posttrain.models import load_model
-    from posttrain.reward_model import load_reward_model
+    from posttrain.model.loading import load_model
+    from posttrain.model.reward_model import load_reward_model
 
     model = (load_reward_model if stage == "reward" else load_model)(work / "models" / stage)
     return sum(p.numel() for p in model.parameters())
@@ -137,9 +137,9 @@ def test_each_later_stage_trains_on_both_ranks_and_rank_zero_alone_writes(two_pr
 def test_generation_before_training_is_shared_out_and_gathered_in_order(two_process_stages):
     import mlflow
 
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.decoding import DecodeConfig
-    from posttrain.scoring import generate
+    from posttrain.evaluation.decoding import DecodeConfig
+    from posttrain.evaluation.scoring import generate
+    from posttrain.model.loading import load_model, load_tokenizer
 
     work, procs = two_process_stages["work"], two_process_stages["procs"]
     assert all(p.returncode == 0 for p in procs.values())
@@ -168,7 +168,7 @@ def test_generation_before_training_is_shared_out_and_gathered_in_order(two_proc
 def test_every_training_stage_starts_through_launch():
     import yaml
 
-    from posttrain.stages_registry import names
+    from posttrain.core.stages_registry import names
 
     repo = Path(__file__).resolve().parent.parent
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -178,7 +178,7 @@ def test_every_training_stage_starts_through_launch():
 
 
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
-    from posttrain.files import atomic_dir, write_json
+    from posttrain.core.files import atomic_dir, write_json
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RANK", "1")
@@ -191,8 +191,8 @@ def test_other_ranks_write_nothing(tmp_path, monkeypatch):
 def test_launcher_commands_and_shipped_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from posttrain.config import ConfigError
-    from posttrain.launch import LAUNCHED, LaunchConfig, command
+    from posttrain.core.config import ConfigError
+    from posttrain.train.launch import LAUNCHED, LaunchConfig, command
 
     repo = Path(__file__).resolve().parent.parent
     with pytest.raises(ConfigError, match=r"\[launch.config\] : no such accelerate config file"):
@@ -211,14 +211,45 @@ def test_launcher_commands_and_shipped_configs():
                 command(cfg, "sft", "params.yaml", cuda=False)
 
 
+def test_a_training_stage_re_executes_under_the_launcher_and_the_others_never_read_launch(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from posttrain.core import cli as stage_cli
+    from posttrain.train import cli as training_cli
+    from posttrain.train.launch import LAUNCHED
+
+    @dataclass(frozen=True)
+    class Section:
+        n: int
+
+    repo = Path(__file__).resolve().parent.parent
+    params = tmp_path / "params.yaml"
+    params.write_text(f"launch: {{config: {repo}/configs/accelerate/ddp.yaml, num_processes: 2, "
+                      "main_process_port: 0}\nx: {n: 1}\n")
+    execs, ran = [], []
+    monkeypatch.setattr(training_cli.os, "execve", lambda path, argv, env: execs.append((argv, env)))
+    monkeypatch.delenv(LAUNCHED, raising=False)
+    args = ["--params", str(params)]
+    assert stage_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {"n": cfg.n}, args) == {"n": 1}
+    training_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {}, args)  # not launchable: runs here
+    assert execs == [] and ran == [Section(1), Section(1)]
+    training_cli.run_stage("x", Section, lambda cfg: {}, args, launchable=True)
+    (argv, env), = execs
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and env[LAUNCHED] == "1"
+    assert argv[-4:] == ["-m", "stages.x", "--params", str(params)]
+    monkeypatch.setenv(LAUNCHED, "1")  # a process the launcher started runs the stage itself
+    training_cli.run_stage("x", Section, lambda cfg: ran.append(cfg) or {}, args, launchable=True)
+    assert len(execs) == 1 and len(ran) == 3
+
+
 def test_multinode_command_and_the_slurm_script(tmp_path, monkeypatch):
     from accelerate.commands.launch import launch_command_parser
 
-    import posttrain.launch as launch
-    from posttrain.config import ConfigError
+    import posttrain.train.launch as launch
+    from posttrain.core.config import ConfigError
 
     repo = Path(__file__).resolve().parent.parent
-    # the script on a fake 2-node allocation: each node's task runs posttrain.launch with its own machine rank
+    # the script on a fake 2-node allocation: each node's task runs posttrain.train.launch with its own machine rank
     fake, calls = tmp_path / "bin", tmp_path / "calls"
     fake.mkdir()
     (fake / "scontrol").write_text("#!/bin/sh\necho node-a; echo node-b\n")
@@ -231,9 +262,9 @@ def test_multinode_command_and_the_slurm_script(tmp_path, monkeypatch):
                SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2")
     subprocess.run(["bash", str(repo / "configs/slurm/multinode.sbatch"), "align"], env=env, check=True)
     lines = calls.read_text().splitlines()
-    assert lines == [f"-m posttrain.launch align --num_machines 2 --machine_rank {r} --main_process_ip node-a"
+    assert lines == [f"-m posttrain.train.launch align --num_machines 2 --machine_rank {r} --main_process_ip node-a"
                      for r in (0, 1)]
-    # what posttrain.launch then runs on node 1: accelerate launch with the node's rank and the fixed port
+    # what posttrain.train.launch then runs on node 1: accelerate launch with the node's rank and the fixed port
     params = tmp_path / "params.yaml"
     params.write_text(f"launch: {{config: {repo}/configs/accelerate/ddp.yaml, num_processes: 4, main_process_port: 29555}}\n")
     ran = []

@@ -62,8 +62,8 @@ def assert_nothing_written(wd):
 def test_onnx_greedy_answers_equal_torch_alone_and_batched(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.chat import encode_prompts
-    from posttrain.onnx_export import OnnxCausalLM
+    from posttrain.evaluation.chat import encode_prompts
+    from posttrain.export.onnx_export import OnnxCausalLM
 
     wd, m = exported["workdir"], exported["metrics"]
     out = wd / "models/export/onnx"
@@ -106,7 +106,7 @@ def test_a_failed_onnx_export_stops_the_stage_and_writes_nothing(lifecycle, tmp_
 
 
 def test_greedy_tokens_that_differ_stop_the_stage(exported, lifecycle, tmp_path, monkeypatch):
-    import posttrain.onnx_export as ox
+    import posttrain.export.onnx_export as ox
     from stages.export import ExportError
 
     def copy_the_export(model_dir, out_dir, prompts, opset=None, optimize=True):  # skip a second trace

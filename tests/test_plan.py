@@ -1,4 +1,4 @@
-"""The memory planner (posttrain.plan): its counts match real models, its estimate adds up and moves the right
+"""The memory planner (posttrain.train.plan): its counts match real models, its estimate adds up and moves the right
 way, the command plans every training stage, and every training stage logs the plan next to its measured peak."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 from conftest import REPO, tiny_params
 
-from posttrain import plan as plan_cli
-from posttrain.config import AdapterConfig, build, stage_section
-from posttrain.memory import estimate as plan
+from posttrain.core.config import AdapterConfig, build, stage_section
+from posttrain.train import plan as plan_cli
+from posttrain.train.memory import estimate as plan
 
 SHAPE = plan.Shape(vocab=320, hidden=32, layers=2, heads=2, kv_heads=2, head_dim=16, intermediate=64, tied=True)
 
@@ -49,7 +49,7 @@ def test_shape_counts_the_parameters_of_a_real_model():
 def test_trainable_parameters_match_peft(method):
     from peft import get_peft_model
 
-    from posttrain.models import apply_freeze, peft_config
+    from posttrain.model.loading import apply_freeze, peft_config
 
     model, a = tiny_llama(), adapter(method)
     apply_freeze(model, a)
@@ -138,8 +138,8 @@ def test_trainer_estimate_follows_the_loss_head_in_use(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.lm_head import set_loss_head
-    from posttrain.memory.estimate import COMPACT_BYTES, MiB, trainer_estimate
+    from posttrain.model.lm_head import set_loss_head
+    from posttrain.train.memory.estimate import COMPACT_BYTES, MiB, trainer_estimate
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -166,8 +166,8 @@ def test_compact_head_plan_counts_the_labels_trl_leaves_after_tokenising(tmp_pat
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.lm_head import set_loss_head
-    from posttrain.memory.estimate import COMPACT_BYTES, MiB, trainer_estimate
+    from posttrain.model.lm_head import set_loss_head
+    from posttrain.train.memory.estimate import COMPACT_BYTES, MiB, trainer_estimate
 
     model = tiny_llama()  # only planned, never run: the tokenizer's ids need not fit its vocabulary
     tokenizer = build_tokenizer()
@@ -190,7 +190,7 @@ def test_cpu_peak_window_forgets_what_came_before_it():
     """A stage's training peak must not include an earlier, larger allocation in the same process."""
     import torch
 
-    from posttrain.runtime import peak_memory_mb, reset_peak_memory
+    from posttrain.core.runtime import peak_memory_mb, reset_peak_memory
 
     big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
     del big
@@ -210,7 +210,7 @@ def test_trainer_estimate_reads_the_longest_pair_of_a_reward_dataset(tmp_path):
     from trl import RewardConfig, RewardTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.memory.estimate import trainer_estimate
+    from posttrain.train.memory.estimate import trainer_estimate
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
@@ -232,7 +232,7 @@ def _train_tiny_sft(tmp_path, max_steps, allocate_at_step, mib=300):
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.memory.measure import MemoryWindow
+    from posttrain.train.memory.measure import MemoryWindow
 
     class Allocate(TrainerCallback):
         def on_optimizer_step(self, args, state, control, **kwargs):
@@ -252,7 +252,7 @@ def _train_tiny_sft(tmp_path, max_steps, allocate_at_step, mib=300):
 
 def test_early_peak_is_taken_through_the_profiled_steps_only(tmp_path):
     """A larger allocation after the first TENSOR_STEPS steps raises the whole run's peak, not the early one."""
-    from posttrain.memory.measure import TENSOR_STEPS
+    from posttrain.train.memory.measure import TENSOR_STEPS
 
     m = _train_tiny_sft(tmp_path, max_steps=TENSOR_STEPS + 1, allocate_at_step=TENSOR_STEPS + 1)
     assert m["train_peak_memory_mb"] - m["early_peak_memory_mb"] > 250, m
@@ -261,7 +261,7 @@ def test_early_peak_is_taken_through_the_profiled_steps_only(tmp_path):
 def test_rss_peak_includes_the_profiled_steps(tmp_path):
     """The first batch is the longest with group_by_length: the RSS peak must not start after the profiled
     steps (to leave the profiler's buffers out), or it misses it. What step 1 held shows in both peaks."""
-    from posttrain.memory.measure import TENSOR_STEPS
+    from posttrain.train.memory.measure import TENSOR_STEPS
 
     m = _train_tiny_sft(tmp_path, max_steps=TENSOR_STEPS + 2, allocate_at_step=1)
     assert m["tensor_peak_mb"] >= 300, m
@@ -273,7 +273,7 @@ def test_rss_taken_to_read_the_profilers_results_is_not_trainings(tmp_path, monk
     reading of the results is made to hold 300 MiB (touched) on top of what it really does."""
     import torch
 
-    from posttrain.memory import measure as training
+    from posttrain.train.memory import measure as training
 
     read = training.allocated_peak_mb
 
@@ -296,7 +296,7 @@ def test_tensor_peak_counts_what_the_first_steps_hold_at_once(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.memory.measure import MemoryWindow
+    from posttrain.train.memory.measure import MemoryWindow
 
     class AllocateInStepOne(TrainerCallback):
         def on_optimizer_step(self, args, state, control, **kwargs):
@@ -327,8 +327,8 @@ def _train_with_a_long_fourth_batch(tmp_path, **window_kwargs):
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.memory.estimate import MiB
-    from posttrain.memory.measure import MemoryWindow
+    from posttrain.train.memory.estimate import MiB
+    from posttrain.train.memory.measure import MemoryWindow
 
     model = wide_llama()
 
@@ -370,7 +370,7 @@ def test_resumed_runs_tensor_peak_counts_the_loaded_optimizer_states_once(tmp_pa
     from trl import SFTConfig, SFTTrainer
 
     from bench.throughput import build_tokenizer
-    from posttrain.memory.measure import MemoryWindow
+    from posttrain.train.memory.measure import MemoryWindow
 
     ds = Dataset.from_list([{"input_ids": list(range(4, 34))} for _ in range(20)])
 
@@ -392,7 +392,7 @@ def test_a_windows_tensor_peak_starts_from_what_it_sees_allocated():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from posttrain.memory.measure import allocated_peak_mb
+    from posttrain.train.memory.measure import allocated_peak_mb
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
         earlier = torch.empty(50 * 2**20 // 4)

@@ -1,8 +1,8 @@
-"""Which of a prompt's own samples become align's policy pair (posttrain.policy_pairs.pair_of)."""
+"""Which of a prompt's own samples become align's policy pair (posttrain.train.policy_pairs.pair_of)."""
 
 from __future__ import annotations
 
-from posttrain.policy_pairs import pair_of
+from posttrain.train.policy_pairs import pair_of
 
 COT = {"prompt": [{"role": "user", "content": "Ada has 3 coins and finds 4. How many?"}],
        "chosen": "3 + 4 = 7.\n#### 7", "rejected": "3 + 4 = 8.\n#### 8"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from posttrain.config import ConfigError, load_config
-from posttrain.files import REPO_ROOT, read_jsonl
-from posttrain.readers import DataError
+from posttrain.core.config import ConfigError, load_config
+from posttrain.core.files import REPO_ROOT, read_jsonl
+from posttrain.data.readers import DataError
 from stages.prepare import PrepareConfig, build_mixture, decontaminate, dedupe, key_of, mixture_counts, run, split
 
 OUTPUTS = ["corpus_eval.jsonl", "corpus_train.jsonl", "eval_benign.jsonl", "eval_cot.jsonl", "eval_harmful.jsonl",

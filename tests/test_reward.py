@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.readers import DataError
+from posttrain.data.readers import DataError
 
 
 def workdir_from(lifecycle, path: Path, **overrides) -> Path:
@@ -38,8 +38,8 @@ def small_set(workdir: Path, n: int = 8) -> str:
 
 
 def test_reward_model_learns_a_tiny_preference_set(lifecycle, tmp_path):
-    from posttrain.models import load_tokenizer
-    from posttrain.reward_model import load_reward_model, pairwise, preference_rows
+    from posttrain.model.loading import load_tokenizer
+    from posttrain.model.reward_model import load_reward_model, pairwise, preference_rows
 
     wd = workdir_from(lifecycle, tmp_path / "wd", reward={"train_file": "data/pairs.jsonl",
                                                           "eval_file": "data/pairs.jsonl", "train": OVERFIT})
@@ -57,8 +57,8 @@ def test_reward_model_learns_a_tiny_preference_set(lifecycle, tmp_path):
 
 
 def test_lora_reward_model_saves_its_score_head(lifecycle, tmp_path):
-    from posttrain.models import load_tokenizer
-    from posttrain.reward_model import load_reward_model, pairwise, preference_rows
+    from posttrain.model.loading import load_tokenizer
+    from posttrain.model.reward_model import load_reward_model, pairwise, preference_rows
 
     wd = workdir_from(lifecycle, tmp_path / "wd", reward={"adapter": {"method": "lora"}, "train": {"max_steps": 4}})
     metrics = run_in_process("reward", wd)
@@ -100,7 +100,7 @@ def test_bad_pairs_stop_the_stage_naming_file_and_row(lifecycle, tmp_path):
 
 def test_empty_reply_in_prompt_chosen_rejected_layout_is_rejected(tmp_path):
     """Item 5 of the preference issue: empty sides are named like the other bad pairs."""
-    from posttrain.readers import read_source
+    from posttrain.data.readers import read_source
 
     path = jsonl(tmp_path / "pref.jsonl", [{"prompt": "p", "chosen": "fine", "rejected": "  "}])
     with pytest.raises(DataError) as e:

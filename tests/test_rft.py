@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.files import digest
+from posttrain.core.files import digest
 
 
 def workdir_from(src: Path, path: Path, **overrides) -> Path:

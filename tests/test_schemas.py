@@ -7,7 +7,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 
-from posttrain.readers import validate_frame
+from posttrain.data.readers import validate_frame
 from schemas import KINDS, SCHEMAS
 from schemas.checks import MAX_CHARS
 

@@ -1,5 +1,5 @@
-"""posttrain.search on the tiny lineage in a scratch git+DVC repo: each trial a DVC experiment with its MLflow run,
-a failing trial recorded (FAIL) without stopping the search, a killed search resumed from its Optuna storage, the
+"""posttrain.tools.search on the tiny lineage in a scratch git+DVC repo: each trial a DVC experiment with its MLflow
+run, a failing trial recorded (FAIL) without stopping the search, a killed search resumed from its Optuna storage, the
 Pareto front written, and --apply writing the chosen setup into params.yaml."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 from conftest import make_workdir, tiny_params
 from test_flows import DVC, git_dvc_init, sh
 
-from posttrain import search as S
+from posttrain.tools import search as S
 
 SEEDED = ("sample", "prepare", "base", "cpt")
 

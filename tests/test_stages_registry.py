@@ -1,4 +1,4 @@
-"""The stage registry (posttrain.stages_registry) against what it describes: dvc.yaml and the stage modules."""
+"""The stage registry (posttrain.core.stages_registry) against what it describes: dvc.yaml and the stage modules."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from posttrain import depgraph
-from posttrain.stages_registry import STAGES, names
+from posttrain.core.stages_registry import STAGES, names
+from posttrain.tools import depgraph
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ def test_registry_has_dvc_yamls_stages_and_the_shared_blocks_their_params_name()
     dvc["stages"]["evaluate"]["params"].remove("defaults.decode")
     del dvc["stages"]["sample"]
     problems = depgraph.registry_differences(yaml.safe_dump(dvc))
-    assert problems == ["sample: in posttrain/stages_registry.py, not in dvc.yaml",
+    assert problems == ["sample: in posttrain/core/stages_registry.py, not in dvc.yaml",
                         "evaluate: dvc.yaml params read defaults [], the registry says ['decode']"]
 
 
@@ -30,7 +30,7 @@ def test_launchable_stages_are_the_ones_that_start_through_launch():
 
 
 def test_every_training_stage_is_planned_and_launchable():
-    from posttrain.plan import TRAINING_STAGES
+    from posttrain.train.plan import TRAINING_STAGES
 
     assert TRAINING_STAGES == names(trains=True) == names(launchable=True)
     assert "judge" in TRAINING_STAGES

@@ -1,4 +1,4 @@
-"""The intervals and paired tests evaluate reports (posttrain.stats), against values computed by hand or by
+"""The intervals and paired tests evaluate reports (posttrain.evaluation.stats), against values computed by hand or by
 scipy's own implementations where it is installed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from posttrain.stats import mcnemar, paired_bootstrap, rate, wilson
+from posttrain.evaluation.stats import mcnemar, paired_bootstrap, rate, wilson
 
 
 def test_wilson_interval_matches_the_formula_and_reads_na_when_empty():
@@ -53,10 +53,10 @@ def test_prefers_chosen_reads_the_models_own_likelihood(lifecycle):
     per token of the reply after its prompt, chosen against rejected."""
     import torch
 
-    from posttrain.chat import prompt_and_answer_ids
-    from posttrain.files import read_jsonl
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.suites import prefers_chosen
+    from posttrain.core.files import read_jsonl
+    from posttrain.evaluation.chat import prompt_and_answer_ids
+    from posttrain.evaluation.suites import prefers_chosen
+    from posttrain.model.loading import load_model, load_tokenizer
 
     sft = lifecycle["workdir"] / "models/sft"
     model, tok = load_model(sft), load_tokenizer(sft)

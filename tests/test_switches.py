@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.config import ConfigError
+from posttrain.core.config import ConfigError
 
 
 def workdir(lifecycle, path, models=None, **overrides):
@@ -23,7 +23,7 @@ def workdir(lifecycle, path, models=None, **overrides):
 
 
 def test_switched_off_cpt_passes_base_on_and_sft_and_evaluate_still_run(lifecycle, tmp_path):
-    from posttrain.models import load_model
+    from posttrain.model.loading import load_model
 
     work = workdir(lifecycle, tmp_path / "w", cpt={"enabled": False}, judge={"enabled": False},
                    models={"base": "models/base", "cpt": "models/cpt", "sft": "models/sft"},

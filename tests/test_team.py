@@ -1,9 +1,9 @@
 """Team mode: a DVC remote shared between clones, and the lifecycle against real PostgreSQL-backed MLflow and
-Prefect servers (posttrain.team).
+Prefect servers (posttrain.tools.team).
 
 The tiny lineage the session `lifecycle` fixture built (sample -> sft) is committed into a scratch git+DVC repo
 with tests/test_flows.py's seed(). One clone pushes it to a directory remote, a second clone pulls it and
-`dvc repro` there trains nothing. Then `python -m posttrain.team`'s services (launched when the module starts, so
+`dvc repro` there trains nothing. Then `python -m posttrain.tools.team`'s services (launched when the module starts, so
 they come up while the scratch repo is made and the DVC test runs) run the next stage, reward, as the Prefect
 `stage` flow, and the test reads the flow run back from the Prefect server and the lifecycle's MLflow runs (and
 the logged model) from the MLflow server.
@@ -25,7 +25,7 @@ from conftest import make_workdir
 from test_flows import DVC, seed, sh
 
 from bench.common import git_dvc_init
-from posttrain import team as teammod
+from posttrain.tools import team as teammod
 
 TIMES: dict[str, float] = {}
 
@@ -123,7 +123,7 @@ def test_lifecycle_runs_against_the_team_servers_and_reads_back(services, repo, 
     from flows.lifecycle import stage
 
     begin = time.perf_counter()
-    for key, value in t.env().items():  # what `eval "$(python -m posttrain.team env)"` exports
+    for key, value in t.env().items():  # what `eval "$(python -m posttrain.tools.team env)"` exports
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("LIFECYCLE_ID", raising=False)
     monkeypatch.chdir(repo["path"])
@@ -170,12 +170,12 @@ def test_cli_env_and_status(services, tmp_path):
     if "skip" in services:
         pytest.skip(f"team services unavailable: {services['skip']}")
     t = services["team"]
-    env = subprocess.run([sys.executable, "-m", "posttrain.team", "env", "--state", str(t.state)],
+    env = subprocess.run([sys.executable, "-m", "posttrain.tools.team", "env", "--state", str(t.state)],
                          capture_output=True, text=True, check=True).stdout
     assert f"export MLFLOW_TRACKING_URI={t.env()['MLFLOW_TRACKING_URI']}\n" in env and "PREFECT_API_URL=" in env
-    proc = subprocess.run([sys.executable, "-m", "posttrain.team", "status", "--state", str(tmp_path / "none")],
+    proc = subprocess.run([sys.executable, "-m", "posttrain.tools.team", "status", "--state", str(tmp_path / "none")],
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and "posttrain.team up" in proc.stderr
+    assert proc.returncode == 1 and "posttrain.tools.team up" in proc.stderr
 
 
 def test_missing_postgres_is_said_plainly(monkeypatch, tmp_path):

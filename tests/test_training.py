@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import make_workdir, run_in_process, tiny_params
 
-from posttrain.files import atomic_dir
-from posttrain.training import StaleCheckpointError
+from posttrain.core.files import atomic_dir
+from posttrain.train.training import StaleCheckpointError
 
 
 def workdir_after_cpt(lifecycle, path: Path, **overrides) -> Path:
@@ -77,7 +77,7 @@ def test_atomic_dir_leaves_old_output_when_the_block_fails(tmp_path):
 
 
 def test_a_checkpoint_half_written_when_killed_is_dropped_and_the_previous_one_resumed(tmp_path, monkeypatch):
-    from posttrain.training import prepare_checkpoints
+    from posttrain.train.training import prepare_checkpoints
 
     monkeypatch.chdir(tmp_path)
     root = Path("checkpoints/sft")
@@ -94,7 +94,7 @@ def test_a_checkpoint_half_written_when_killed_is_dropped_and_the_previous_one_r
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, monkeypatch):
     """A stage that stopped before any checkpoint (bad data, say) left only its fingerprint and maybe a cache:
     a re-run with other params starts afresh instead of being refused as stale."""
-    from posttrain import training
+    from posttrain.train import training
 
     monkeypatch.chdir(tmp_path)
     root, resume = training.prepare_checkpoints("cpt", "fingerprint-of-the-failed-run")

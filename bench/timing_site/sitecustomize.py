@@ -6,14 +6,14 @@ as their modules are imported and, at exit, appends one JSON line per process to
 time and the self time spent in each phase:
 
   imports      executing modules on import (torch, transformers, trl, mlflow, ... and the stages)
-  config       posttrain.config.load_config
-  mlflow       posttrain.tracking (stage runs, metrics, model artifacts) and transformers' MLflowCallback
-  model_io     posttrain.models: loading models/tokenizers (adapter chains merged) and saving them
+  config       posttrain.core.config.load_config
+  mlflow       posttrain.core.tracking (stage runs, metrics, model artifacts) and transformers' MLflowCallback
+  model_io     posttrain.model.loading: loading models/tokenizers (adapter chains merged) and saving them
   checkpoints  Trainer._save_checkpoint (crash safety)
   train        Trainer.train, less the nested phases above
   eval         Trainer.evaluate
-  generate     posttrain.scoring.generate / sample and posttrain.reward_model.reward_scores (suites, policy
-               pairs, rft samples, the teacher's answers, the judge)
+  generate     posttrain.evaluation.scoring.generate / sample and posttrain.model.reward_model.reward_scores
+               (suites, policy pairs, rft samples, the teacher's answers, the judge)
 Time in none of them (data handling, perplexity, other scoring) is the stage's other compute.
 """
 
@@ -81,13 +81,13 @@ if os.environ.get("LIFECYCLE_TIMING"):
         return wrapper
 
     _PATCHES = {
-        "posttrain.config": [("load_config", "config", _timed)],
-        "posttrain.tracking": [("stage_run", "mlflow", _timed_cm), ("log_stage_metrics", "mlflow", _timed),
+        "posttrain.core.config": [("load_config", "config", _timed)],
+        "posttrain.core.tracking": [("stage_run", "mlflow", _timed_cm), ("log_stage_metrics", "mlflow", _timed),
                             ("log_model_dir", "mlflow", _timed), ("lifecycle_run", "mlflow", _timed)],
-        "posttrain.scoring": [(n, "generate", _timed) for n in ("generate", "sample")],
-        "posttrain.reward_model": [("reward_scores", "generate", _timed)],
-        "posttrain.models": [(n, "model_io", _timed) for n in ("load_model", "load_tokenizer", "load_for_training",
-                                                              "save_model")],
+        "posttrain.evaluation.scoring": [(n, "generate", _timed) for n in ("generate", "sample")],
+        "posttrain.model.reward_model": [("reward_scores", "generate", _timed)],
+        "posttrain.model.loading": [(n, "model_io", _timed) for n in ("load_model", "load_tokenizer",
+                                                                     "load_for_training", "save_model")],
     }
     _CLASS_PATCHES = {
         "transformers.trainer": ("Trainer", [("train", "train"), ("_save_checkpoint", "checkpoints"),

@@ -1,6 +1,6 @@
 import json, time, sys, torch
 sys.path.insert(0, "/work/main")
-from posttrain.models import load_model, load_tokenizer
+from posttrain.model.loading import load_model, load_tokenizer
 from transformers import GenerationConfig
 P = "/tmp/real_run/data/processed/"
 prompts = []

@@ -1,0 +1,1 @@
+"""The stages' shared ground: config, files, tracking, runtime, the stage registry and command line."""

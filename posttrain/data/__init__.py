@@ -1,0 +1,1 @@
+"""Data: reading and validating sources, splitting, mixing, dedup/overlap, sample data."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring, suites, benchmarks, statistics, decoding, the promotion gate."""

@@ -1,0 +1,1 @@
+"""Shipping a model: lineage, model card (templates/), MLflow registry, ONNX export."""

@@ -1,0 +1,1 @@
+"""Using a trained model: the OpenAI-compatible server, the arena, generate / chat."""

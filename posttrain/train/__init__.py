@@ -1,0 +1,1 @@
+"""Training: the harness, trainer args, launch, multi-process work, the memory planner, methods."""
