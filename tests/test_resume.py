@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_workdir, tiny_params
 
 from posttrain.core.files import digest
@@ -75,8 +76,10 @@ class StageProcess:
                 sys.modules.pop(f"stages.{name}", None)
                 runpy.run_module(f"stages.{name}", run_name="__main__", alter_sys=True)
                 code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+            except SystemExit as e:  # as the interpreter would: a message to stderr, exit 1
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
             except BaseException:
                 import traceback
 
@@ -189,8 +192,10 @@ def workdir(src: Path, path: Path, stage: str, copy=("data", "models"), **overri
     return path
 
 
-def check_kill_and_resume(stage: str, src: Path, tmp_path: Path, reference: Path | None = None, **overrides) -> dict:
-    """Kill `stage` at a seeded-random save point, rerun it, compare with an uninterrupted run; the kill report."""
+def check_kill_and_resume(stage: str, src: Path, tmp_path: Path, reference: Path | None = None, before_resume=None,
+                          **overrides) -> dict:
+    """Kill `stage` at a seeded-random save point, rerun it, compare with an uninterrupted run; the kill report.
+    `before_resume(workdir)` runs between the kill and the rerun."""
     timings = {}
     t = time.perf_counter()
     if reference is None:
@@ -203,6 +208,9 @@ def check_kill_and_resume(stage: str, src: Path, tmp_path: Path, reference: Path
     step = random.Random(f"resume-{stage}").choice(SAVE_POINTS)
     left = kill_after_checkpoint(stage, work, step)
     timings["killed_s"] = time.perf_counter() - t
+
+    if before_resume is not None:
+        before_resume(work)
 
     t = time.perf_counter()
     out = run_to_end(stage, work, "resumed.log")  # the same command again
@@ -258,8 +266,23 @@ def test_cpt_resumes_after_kill_9(lifecycle, tmp_path):
     check_kill_and_resume("cpt", lifecycle["workdir"], tmp_path)
 
 
-def test_sft_resumes_after_kill_9(lifecycle, tmp_path):
-    check_kill_and_resume("sft", lifecycle["workdir"], tmp_path)
+def refused_with_other_params(work: Path) -> None:
+    """Changed params after the kill: the rerun refuses the checkpoints (one line, no traceback, nothing written);
+    with the params restored, the next run resumes."""
+    params = (work / "params.yaml").read_text()
+    changed = yaml.safe_load(params)
+    changed["sft"]["train"]["learning_rate"] = 1.0e-4
+    (work / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    proc = StageProcess("sft", work, work / "stale.log")
+    assert proc.wait() == 1
+    out = proc.output()
+    assert "stale checkpoint: checkpoints/sft holds a checkpoint of 'sft' made with different params or data" in out
+    assert "Traceback" not in out and not (work / "models/sft").exists()
+    (work / "params.yaml").write_text(params)
+
+
+def test_sft_resumes_after_kill_9_and_refuses_other_params(lifecycle, tmp_path):
+    check_kill_and_resume("sft", lifecycle["workdir"], tmp_path, before_resume=refused_with_other_params)
 
 
 def test_reward_resumes_after_kill_9(lifecycle, reward_reference, tmp_path):

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from posttrain.core.config import TrainConfig
+from posttrain.core.config import StageError, TrainConfig
 from posttrain.core.files import digest
 from posttrain.core.runtime import resolve_precision, set_threads
 from posttrain.train.distributed import main_first
@@ -24,8 +24,10 @@ from posttrain.train.memory.measure import MemoryWindow
 CHECKPOINT_ROOT = Path("checkpoints")
 
 
-class StaleCheckpointError(RuntimeError):
-    pass
+class StaleCheckpointError(StageError):
+    """The stage's checkpoints were made with other params or data: resuming from them would mix two runs."""
+
+    label = "stale checkpoint"
 
 
 def trainer_args(config_cls, train: TrainConfig, output_dir: str | Path, seed: int,
