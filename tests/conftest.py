@@ -127,10 +127,19 @@ def flags(k: int, n: int) -> list[int]:
 LINEAGE_FIXTURES = {"lifecycle", "repo", "lifecycle_on_smollm2", "prefect_api", "server", "services"}
 
 
+# The longest files (minutes each on 2 cores), longest first: pytest-xdist (--dist loadfile) hands files out in
+# collection order, so these start at once and the short ones fill in around them, instead of one long file
+# starting last while the other worker idles.
+LONGEST_FIRST = ("test_lifecycle.py", "test_real_model.py", "test_resume.py", "test_multiprocess.py",
+                 "test_team.py", "test_flows.py", "test_search.py", "test_kernels.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if LINEAGE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("real_model"):
             item.add_marker(pytest.mark.lineage)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within each
 
 
 @pytest.fixture(autouse=True)
