@@ -1,18 +1,14 @@
 """align: preference optimisation of the sft model with TRL, `method` picking the algorithm.
 
-  dpo  (default) DPOTrainer on preference pairs          kto   KTOTrainer (pairs unpaired into good/bad)
-  orpo           trl.experimental ORPOTrainer (no reference model)
-  grpo / rloo    online RL (TRL 1.x has no PPOTrainer): sampled completions scored by the trained reward
-                 model (models/reward) plus, where a prompt has a checkable answer, an exact-answer reward;
-                 KL to the reference weighted by `beta`
+  dpo (default) DPOTrainer on pairs; kto KTOTrainer (pairs unpaired into good/bad); orpo trl.experimental ORPO
+  grpo / rloo   online RL (TRL 1.x has no PPOTrainer): samples scored by the reward model (models/reward) plus
+                an exact-answer reward where a prompt is checkable; KL to the reference weighted by `beta`
 
-The pairs of dpo / kto / orpo are `pairs: data` (train_file as it is) or `pairs: policy`: the model's own samples,
-best and worst by the reward model, right over wrong where checkable (posttrain/train/policy_pairs.py).
+dpo / kto / orpo pairs: `data` (train_file) or `policy` (the model's own samples, best over worst by the reward
+model, right over wrong where checkable: posttrain/train/policy_pairs.py).
 
-The reference model is `model` itself (the sft model). `load_for_training` merges an sft LoRA adapter into the
-weights first, so with a PEFT method the reference is those weights with the new adapter off (TRL's
-`disable_adapter`; no second copy in memory) and the saved adapter chains onto models/sft; with full training
-TRL builds its reference from the folder named in the policy's config, which we point at the sft weights.
+The reference is `model` itself: with a PEFT method the sft weights with the new adapter off (TRL's
+`disable_adapter`, no second copy; an sft LoRA is merged first), with full training the sft folder's weights.
 """
 
 from __future__ import annotations
@@ -24,14 +20,8 @@ from typing import Literal
 from posttrain.core.config import AdapterConfig, ConfigError, TrackingConfig, TrainConfig
 from posttrain.data.verifiable import prompt_rows, verifiable_reward
 from posttrain.evaluation.decoding import DecodeConfig
-from posttrain.model.loading import (
-    is_adapter_dir,
-    load_for_training,
-    load_model,
-    load_tokenizer,
-    local_path,
-    trainable_share,
-)
+from posttrain.model.loading import (is_adapter_dir, load_for_training, load_model, load_tokenizer, local_path,
+                                     trainable_share)
 from posttrain.model.reward_model import load_reward_model, preference_rows, require_reward_model, trl_pairs
 from posttrain.train.cli import run_stage
 from posttrain.train.distributed import main_first

@@ -2,12 +2,10 @@
 
     python -m stages.prepare [--params params.yaml]
 
-1. read and validate every source (posttrain.data.readers, schemas/), renaming its columns where it maps them:
-   with on_bad_rows=stop one bad row stops the stage, with a report naming file, row, column and check,
-   before anything is written; with drop the bad rows are left out and listed in rejects.jsonl, unless a
-   source's share of them exceeds max_bad_share (then it stops, as with stop);
-2. dedupe within each kind by normalised content: the prompt (the text for the corpus) lowercased, with
-   punctuation and whitespace folded and numbers kept (posttrain.data.overlap.normalise_text), first kept;
+1. read and validate every source (posttrain.data.readers, schemas/), renaming mapped columns: on_bad_rows=stop
+   stops at one bad row (file, row, column and check named) before writing anything; drop leaves bad rows out
+   (rejects.jsonl) unless a source's share of them exceeds max_bad_share;
+2. dedupe within each kind by normalised content (posttrain.data.overlap.normalise_text), first kept;
 3. split each kind into train / eval by each source's `split` (posttrain/data/splitting.py): `auto` (the default) by
    a seeded hash of the normalised prompt, eval_fraction of the rows; `eval` every row held out (the sample's
    heldout_* files); `train` every row trained on. At most max_eval_per_suite rows of a kind are held out:
@@ -15,22 +13,14 @@
 4. drop from every train split the examples whose normalised prompt is held out in any kind's eval split;
 5. drop from the corpus train split every document that contains an eval prompt, normalised: any
    decontaminate.ngram-gram of it, or the whole prompt when it is shorter (GPT-3's 13-gram check);
-6. draw the SFT mixture (instruction + refusal + cot) at the configured ratios from the train splits,
-   repeating examples only where a kind has too few (posttrain/data/mixing.py);
-7. measure what is left: the n-gram overlap (overlap_ngrams) between the training files (sft_train,
-   preference_train, corpus_train, prompts) and each eval suite;
+6. draw the SFT mixture at the configured ratios from the train splits (posttrain/data/mixing.py);
+7. measure the n-gram overlap (overlap_ngrams) between the training files and each eval suite;
 8. write everything to out_dir in one rename, metrics/prepare.json, and the MLflow run.
 
-Outputs (messages are OpenAI-style [{"role", "content"}]; prompt-completion / preference rows follow TRL):
-  corpus_{train,eval}.jsonl       {"text"}
-  sft_{train,eval}.jsonl          {"prompt": messages, "completion": [assistant], "source": kind}
-  eval_instruction.jsonl          {"prompt", "answer"}     eval_cot.jsonl   {"prompt", "answer": final answer}
-  eval_harmful.jsonl              {"prompt"}               eval_benign.jsonl {"prompt"} (instruction eval prompts)
-  preference_{train,eval,judge}.jsonl   {"prompt", "chosen": [assistant], "rejected": [assistant]}
-                                  (judge: a disjoint share of the train pairs, for the independent judge)
-  prompts.jsonl                   {"prompt", "answer": str or null}   (all prompts: no split)
-  rejects.jsonl                   {"file", "row", "unit", "problems": [{"column", "check", "error"}], "raw"}
-                                  (the rows on_bad_rows=drop left out; empty under stop)
+Outputs (OpenAI-style messages; TRL's prompt-completion / preference rows): corpus_{train,eval} {"text"};
+sft_{train,eval} {"prompt", "completion", "source"}; eval_instruction / eval_cot {"prompt", "answer"};
+eval_harmful / eval_benign {"prompt"}; preference_{train,eval,judge} {"prompt", "chosen", "rejected"} (judge: a
+disjoint share of the train pairs); prompts {"prompt", "answer" or null}; rejects.jsonl (what drop left out).
 """
 
 from __future__ import annotations
