@@ -258,7 +258,7 @@ def test_evaluate_judges_aligned_against_sft(trained, tmp_path):
 
 
 def test_win_rate_interval_and_sign_test():
-    from stages.evaluate import win_rate_stats
+    from posttrain.evaluation.report import win_rate_stats
 
     all_won = win_rate_stats([1.0] * 10, is_reference=False)
     assert all_won["value"] == all_won["low"] == all_won["high"] == 1.0

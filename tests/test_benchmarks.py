@@ -228,8 +228,11 @@ def test_evaluate_stops_on_a_missing_benchmark_file_before_any_model_loads(tmp_p
     def no_model(*a, **k):
         raise AssertionError("a model loaded before the benchmark files were checked")
 
+    from posttrain.evaluation import judge
+
     monkeypatch.setattr(evaluate, "load_model", no_model)
-    monkeypatch.setattr(evaluate, "load_reward_model", no_model)
+    monkeypatch.setattr(judge, "load_reward_model", no_model)  # the judge loads the reward model
+    monkeypatch.setattr(judge, "load_model", no_model)
     monkeypatch.chdir(tmp_path)  # no data, no models: the benchmark check comes first
     with pytest.raises(ConfigError, match=r"\[evaluate.benchmarks.gsm8k.file\] no such file: data/gsm8k/test.jsonl"):
         evaluate.run(cfg)
