@@ -30,7 +30,9 @@ E2E = {
     # teaches it to say nothing at all, which leaves distill no teacher answers to learn from
     "align": {"pairs": "data"},
     # distill's teacher answers as many prompts as training uses: enough that a tiny teacher answers some
-    "distill": {"train": {"max_steps": 16}},
+    # the student as wide as this base: the default student.init (teacher) starts it from the teacher's layers
+    "distill": {"train": {"max_steps": 16},
+                "student": {"tiny": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4}}},
 }
 UPSTREAM_OF_SFT = {"sample", "prepare", "base", "cpt"}
 DVC = str(Path(sys.executable).parent / "dvc")
