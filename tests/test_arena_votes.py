@@ -116,8 +116,8 @@ class _Forked:
     multiprocessing's exit path nor pytest's handlers run in the child (either turned a finished voter's exit
     code into 1 in a long-lived pytest worker). The children inherit the imports: no 8 s start each."""
 
-    def __init__(self, target, args):
-        self.target, self.args, self.pid, self.exitcode = target, args, None, None
+    def __init__(self, target, args: tuple, err: Path):
+        self.target, self.args, self.err, self.pid, self.exitcode = target, args, err, None, None
 
     def start(self) -> None:
         sys.stdout.flush(), sys.stderr.flush()
@@ -128,7 +128,7 @@ class _Forked:
                 self.target(*self.args)
                 code = 0
             except BaseException:  # noqa: BLE001 - written out for the parent's assert
-                Path(self.args[0], f"voter-{self.args[1]}.err").write_text(traceback.format_exc())
+                self.err.write_text(traceback.format_exc())
             finally:
                 os._exit(code)
 
@@ -180,7 +180,8 @@ def test_four_processes_of_two_voters_cast_400_votes_each_on_disk_exactly_once(t
     ctx = _fork()
     _vote(_arena(tmp_path / "warm"), -1, 0)  # import and warm up here once: the children inherit it
     read, write = os.pipe()
-    procs = [ctx(_process_voter, (tmp_path, 2 * p, 2, VOTES_EACH, write)) for p in range(4)]
+    procs = [ctx(_process_voter, (tmp_path, 2 * p, 2, VOTES_EACH, write), tmp_path / f"voter-{2 * p}.err")
+             for p in range(4)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -206,7 +207,7 @@ def test_killing_the_app_mid_stream_loses_at_most_the_vote_in_flight(tmp_path):
     t0 = time.perf_counter()
     for k in range(kills):  # every run appends to the same files, after the last run's kill
         read, write = os.pipe()
-        proc = ctx(_process_voter, (tmp_path, 100 + k, 1, 10_000, write))
+        proc = ctx(_process_voter, (tmp_path, 100 + k, 1, 10_000, write), tmp_path / f"voter-{100 + k}.err")
         proc.start()
         os.close(write)
         target, seen = rng.randint(2, 12), b""
