@@ -30,7 +30,8 @@ def evaluation(outcomes: dict[str, dict[str, list]], extra: dict | None = None) 
 
 def gate(*rules, **kw) -> GateConfig:
     return GateConfig(reference=kw.get("reference", "sft"), alpha=0.05, primary=kw.get("primary", "cot_accuracy"),
-                      candidates=kw.get("candidates", ["student", "aligned", "sft"]), rules=list(rules))
+                      candidates=kw.get("candidates", ["student", "aligned", "sft"]), rules=list(rules),
+                      earn=kw.get("earn", {}))
 
 
 # sft 100/200 CoT; aligned 79/200 (21 items lost, none gained: McNemar p < 0.001); student 95/200 (5 lost: p = 0.06)
@@ -89,6 +90,34 @@ def test_win_rate_not_worse_is_the_sign_test_against_the_judges_reference():
     assert d2["models"]["student"]["failed"] == ["win_rate is judged against sft only, not aligned"]
 
 
+def test_a_candidate_that_does_not_earn_its_place_does_not_ship():
+    # aligned 105/200 CoT against sft's 100/200 (5 gained, none lost: p = 0.06): not worse, but not better either
+    outcomes = {**OUTCOMES, "aligned": {**OUTCOMES["aligned"], "cot_accuracy": flags(105, 200)}}
+    table, items = evaluation(outcomes)
+    rules = [GateRule("cot_accuracy", "not_worse")]
+    assert decide(gate(*rules), ["aligned", "sft"], table, items, "sft")["chosen"] == "aligned"  # 0.525 > 0.500
+    earn = {"aligned": [GateRule("cot_accuracy", "better")]}
+    d = decide(gate(*rules, earn=earn), ["aligned", "sft"], table, items, "sft")
+    aligned = d["models"]["aligned"]
+    assert not aligned["passed"] and not aligned["earned"] and d["chosen"] == "sft"
+    assert aligned["failed"] == [f"not earned: cot_accuracy 0.525 vs sft: +0.025, p={aligned['checks'][1]['p']:.3g} "
+                                 "(not significantly better)"]
+    assert d["models"]["sft"]["earned"]  # the reference has nothing to earn
+    table, items = evaluation({**outcomes, "aligned": {**OUTCOMES["aligned"], "cot_accuracy": flags(120, 200)}})
+    assert decide(gate(*rules, earn=earn), ["aligned", "sft"], table, items, "sft")["chosen"] == "aligned"
+
+
+def test_a_student_keeps_a_share_of_its_teacher_even_of_zero():
+    table, items = evaluation({"sft": {"instruction_em": flags(40, 100)}, "aligned": {"instruction_em": flags(0, 100)},
+                               "student": {"instruction_em": flags(0, 100)}})
+    keeps = {"student": [GateRule("instruction_em", "ratio_at_least", 0.9, against="aligned")]}
+    d = decide(gate(earn=keeps), ["student"], table, items, "sft")
+    assert d["models"]["student"]["passed"]  # 0.0 >= 0.9 x 0.0
+    keeps = {"student": [GateRule("instruction_em", "ratio_at_least", 0.9)]}  # against sft's 0.4
+    d = decide(gate(earn=keeps), ["student"], table, items, "sft")
+    assert d["models"]["student"]["failed"] == ["not earned: instruction_em 0.000 is 0.00x sft's (needs >= 0.9x)"]
+
+
 def test_a_model_without_the_metric_does_not_pass():
     table, items = evaluation({"sft": OUTCOMES["sft"], "student": {"refusal_rate": flags(100, 120)}})
     d = decide(gate(GateRule("cot_accuracy", "not_worse"), GateRule("cot_accuracy", "at_least", 0.1)),
@@ -102,6 +131,9 @@ def test_a_model_without_the_metric_does_not_pass():
     (gate(candidates=["teacher"]), "'teacher' is not one of evaluate.models"),
     (gate(GateRule("cot_accuracy", "at_least")), r"rules\[0\]\] cot_accuracy at_least: needs a `value`"),
     (gate(GateRule("perplexity", "not_worse")), "perplexity has no per-item outcomes"),
+    (gate(earn={"sft": [GateRule("cot_accuracy", "better")]}), "'sft' is the reference"),
+    (gate(earn={"teacher": []}), "'teacher' is not one of evaluate.models"),
+    (gate(earn={"aligned": [GateRule("win_rate", "interval_above")]}), r"earn.aligned\[0\]\] win_rate interval_above: needs"),
 ])
 def test_a_gate_that_cannot_be_read_stops_at_load(g, message):
     from posttrain.core.config import ConfigError

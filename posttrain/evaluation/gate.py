@@ -9,8 +9,12 @@ McNemar's exact test (win rate: the exact sign test on the prompts that were not
     at_least/at_most the value is >= / <= `value`
     interval_above   the 95 % interval's low end is above `value` (e.g. win_rate above 0.5)
     interval_below   the 95 % interval's high end is below `value`
-    ratio_at_least   value / against's value >= `value` (a student keeping 90 % of its teacher: 0.9)
-    ratio_at_most    value / against's value <= `value` (perplexity within 2x: 2.0)
+    ratio_at_least   value >= `value` x against's (a student keeping 90 % of its teacher: 0.9)
+    ratio_at_most    value <= `value` x against's (perplexity within 2x: 2.0)
+
+`rules` hold for every model judged; `earn` adds, per candidate, what that model's stage is for (aligned: the judge
+prefers it; rft: better worked answers; the student: most of its teacher's scores). A candidate that does not earn
+its place does not ship: the reference (sft) ships instead, and the report says which stage did not help.
 
 "Worse" knows each metric's direction: lower is better for perplexity, over_refusal_rate and kl_to_ref.
 A model missing a metric fails the rule that reads it (a gate that cannot see does not pass).
@@ -46,18 +50,26 @@ class GateConfig:
     primary: str  # export.model auto: among the models that pass, the best of this metric ships
     candidates: list[str]  # export.model auto: the evaluate.models names considered; a tie goes to the earlier
     rules: list[GateRule] = field(default_factory=list)
+    # per candidate, beyond `rules`: what it must show to ship instead of the reference (its stage's purpose)
+    earn: dict[str, list[GateRule]] = field(default_factory=dict)
 
 
 def check_config(gate: GateConfig, models: list[str]) -> None:
     """Stop before anything loads when the gate names a model evaluate does not score, or a rule cannot be read."""
     known = ", ".join(models)
-    for name in (gate.reference, *gate.candidates, *(r.against for r in gate.rules if r.against)):
+    earn_rules = [r for rules in gate.earn.values() for r in rules]
+    for name in (gate.reference, *gate.candidates, *gate.earn, *(r.against for r in gate.rules + earn_rules if r.against)):
         if name not in models:
             raise ConfigError(f"[export.gate] {name!r} is not one of evaluate.models ({known})")
+    if gate.reference in gate.earn:
+        raise ConfigError(f"[export.gate.earn] {gate.reference!r} is the reference: it ships when no other candidate "
+                          "earns its place, so it has nothing to earn")
     if not 0 < gate.alpha < 1:
         raise ConfigError(f"[export.gate.alpha] must be between 0 and 1, got {gate.alpha}")
-    for i, r in enumerate(gate.rules):
-        where = f"[export.gate.rules[{i}]] {r.metric} {r.test}"
+    placed = [(f"rules[{i}]", r) for i, r in enumerate(gate.rules)]
+    placed += [(f"earn.{n}[{i}]", r) for n, rules in gate.earn.items() for i, r in enumerate(rules)]
+    for place, r in placed:
+        where = f"[export.gate.{place}] {r.metric} {r.test}"
         if r.test not in PAIRED_TESTS and r.value is None:
             raise ConfigError(f"{where}: needs a `value`")
         if r.test in PAIRED_TESTS and r.metric == "perplexity":
@@ -101,10 +113,11 @@ def judge_model(gate: GateConfig, name: str, table: dict, items: dict, reference
     """Every rule's outcome for one model: the rule, the figures it read, passed and, where it failed, why."""
     results = []
     row = table.get(name) or {}
-    for rule in gate.rules:
+    earn = gate.earn.get(name, [])
+    for rule in gate.rules + earn:
         against = rule.against or gate.reference
         value = row.get(rule.metric)
-        out: dict = {"metric": rule.metric, "test": rule.test, "value": value}
+        out: dict = {"metric": rule.metric, "test": rule.test, "value": value, "earn": rule in earn}
         if rule.test in PAIRED_TESTS:
             out["against"] = against
             out.update(_paired(rule, name, against, items, reference_of_judge, gate.alpha))
@@ -124,11 +137,12 @@ def judge_model(gate: GateConfig, name: str, table: dict, items: dict, reference
         else:  # ratio tests
             theirs = (table.get(against) or {}).get(rule.metric)
             out.update(against=against, threshold=rule.value)
-            if not theirs:
-                out.update(passed=False, why=f"{against} has no {rule.metric} to divide by")
-            else:
-                out["ratio"] = value / theirs
-                out["passed"] = out["ratio"] >= rule.value if rule.test == "ratio_at_least" else out["ratio"] <= rule.value
+            if theirs is None:
+                out.update(passed=False, why=f"{against} has no {rule.metric}")
+            else:  # value >= ratio x theirs, not value / theirs: 90 % of a teacher's 0.0 is 0.0, not a division by 0
+                out.update(ratio=value / theirs if theirs else None, theirs=theirs)
+                bound = rule.value * theirs
+                out["passed"] = value >= bound if rule.test == "ratio_at_least" else value <= bound
         if not out["passed"] and "why" not in out:
             out["why"] = describe(out)
         results.append(out)
@@ -152,19 +166,22 @@ def describe(r: dict) -> str:
         return f"{m} {v} {ci}: interval {'' if r['passed'] else 'not '}{side} {r['threshold']}"
     if t in RATIO_TESTS:
         op = ">=" if t == "ratio_at_least" else "<="
-        return f"{m} {v} is {r['ratio']:.2f}x {r['against']}'s (needs {op} {r['threshold']}x)"
+        times = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else f"vs {r['theirs']:.3f},"
+        return f"{m} {v} is {times} {r['against']}'s (needs {op} {r['threshold']}x)"
     op = ">=" if t == "at_least" else "<="
     return f"{m} {v} (needs {op} {r['threshold']})"
 
 
 def decide(gate: GateConfig, names: list[str], table: dict, items: dict, reference_of_judge: str) -> dict:
     """Judge every model in `names`; the one that ships is the best passing one by gate.primary (a tie: the earlier
-    in `names`), or None. Returns {"models": {name: {"passed", "checks", "failed"}}, "chosen": name | None}."""
+    in `names`), or None. Returns {"models": {name: {"passed", "earned", "checks", "failed"}}, "chosen": name | None};
+    `earned` is False where the `rules` pass but the model's `earn` rules do not: its stage did not help."""
     models = {}
     for name in names:
         checks = judge_model(gate, name, table, items, reference_of_judge)
         models[name] = {"passed": all(c["passed"] for c in checks), "checks": checks,
-                        "failed": [c["why"] for c in checks if not c["passed"]],
+                        "earned": all(c["passed"] for c in checks if c["earn"]),
+                        "failed": [("not earned: " if c["earn"] else "") + c["why"] for c in checks if not c["passed"]],
                         "primary": (table.get(name) or {}).get(gate.primary)}
     passing = [n for n in names if models[n]["passed"] and models[n]["primary"] is not None]
     sign = 1 if _higher_is_better(gate.primary) else -1
@@ -178,10 +195,14 @@ def summary_lines(decision: dict) -> list[str]:
     chosen = decision["chosen"]
     lines = [f"Paired tests against {decision['reference']} at alpha {decision['alpha']}; among the models that pass, "
              f"the best {decision['primary']} ships. Shipped: **{chosen or 'none'}**.", "",
-             "| model | passed | " + decision["primary"] + " | failed rules |", "|---|---|---|---|"]
+             "| model | passed | earned its place | " + decision["primary"] + " | failed rules |", "|---|---|---|---|---|"]
     for name, m in decision["models"].items():
         primary = "n/a" if m["primary"] is None else f"{m['primary']:.3f}"
-        lines.append(f"| {name} | {'yes' if m['passed'] else 'no'} | {primary} | {'; '.join(m['failed']) or '-'} |")
+        earned = "yes" if m["earned"] else "no"
+        lines.append(f"| {name} | {'yes' if m['passed'] else 'no'} | {earned} | {primary} | {'; '.join(m['failed']) or '-'} |")
+    idle = [n for n, m in decision["models"].items() if not m["earned"]]
+    if idle:
+        lines += ["", f"Did not earn their place (export.gate.earn: their stage did not help here): {', '.join(idle)}."]
     return lines
 
 
@@ -190,5 +211,6 @@ def rule_lines(decision: dict) -> list[str]:
     lines = ["| model | rule | figures | passed |", "|---|---|---|---|"]
     for name, m in decision["models"].items():
         for c in m["checks"]:
-            lines.append(f"| {name} | {c['metric']} {c['test']} | {describe(c)} | {'yes' if c['passed'] else 'no'} |")
+            rule = f"{c['metric']} {c['test']}" + (" (earn)" if c["earn"] else "")
+            lines.append(f"| {name} | {rule} | {describe(c)} | {'yes' if c['passed'] else 'no'} |")
     return lines
