@@ -8,7 +8,7 @@ at `temperature`). `on_policy_share` is the share of steps trained on the studen
 with steps on the teacher's answers (DistillationTrainer has no off-policy mix in TRL 1.16).
 
 The student is `student.source: tiny` (a smaller Llama from `student.tiny`, sharing the teacher's
-tokenizer; `init: teacher` starts it from the teacher's embeddings and evenly spaced layers) or any
+tokenizer; `init: teacher` starts it from the teacher's embeddings and `layers` of its layers) or any
 Hugging Face id / local path (posttrain/train/student_init.py). Teacher and student are then scored side by side on
 the evaluate suites (posttrain/train/distillation.py):
 the student's scores, its share of the teacher's, the parameter ratio, agreement with the teacher,
@@ -159,7 +159,8 @@ def run(cfg: DistillConfig) -> dict:
     check_teacher(cfg.teacher)
     prompts = load_prompts(cfg)
     teacher, t_tok = load_model(cfg.teacher), load_tokenizer(cfg.teacher)
-    student, s_tok = build_student(cfg, teacher, t_tok)
+    calibration = [t_tok.apply_chat_template(p, tokenize=False) for p in prompts[:32]]  # student.layers
+    student, s_tok = build_student(cfg, teacher, t_tok, calibration)
     initial = copy.deepcopy(student)  # the untrained student, measured against the trained one
     stage.seed()
     ckpt_dir = stage.checkpoints({"teacher": cfg.teacher, **{Path(f).stem: f for f in cfg.prompt_files}})

@@ -24,7 +24,7 @@ EVAL = {"max_per_suite": 4, "max_new_tokens": 8, "block_size": 32, "batch_size":
 
 def distill_params(**overrides) -> dict:
     base = {"teacher": "models/teacher", "max_prompts": 64, "max_new_tokens": 16, "gen_batch_size": 32,
-            "student": {"source": "tiny", "init": "random", "tiny": STUDENT}, "train": TRAIN, "eval": EVAL}
+            "student": {"source": "tiny", "init": "random", "layers": "evenly", "tiny": STUDENT}, "train": TRAIN, "eval": EVAL}
     return tiny_params(distill=_merge(base, overrides))
 
 
@@ -134,6 +134,28 @@ def test_student_initialised_from_the_teacher_copies_its_layers(teacher):
     wide = build_tiny_model(TinyModelConfig(**{**STUDENT, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 4}), tok)
     with pytest.raises(DistillError, match="hidden_size"):
         init_from_teacher(wide, teacher)
+
+
+def test_block_influence_keeps_the_layers_that_change_the_hidden_states_most(teacher):
+    from types import SimpleNamespace
+
+    from posttrain.model.loading import load_model, load_tokenizer
+    from posttrain.model.tiny import TinyModelConfig
+    from posttrain.train.student_init import StudentConfig, block_influence, build_student
+    from stages.distill import DistillError
+
+    sft = teacher / "models/teacher"
+    teacher, tok = load_model(sft), load_tokenizer(sft)
+    texts = ["Count the words.\n\nblue fox gold", "What is 2 plus 3?", "Sort the numbers.\n\n3 1 2"]
+    influence = block_influence(teacher, tok, texts)
+    assert len(influence) == teacher.config.num_hidden_layers and all(0 < b < 2 for b in influence)
+    one_layer = StudentConfig("tiny", "teacher", "block_influence", TinyModelConfig(**{**STUDENT, "num_layers": 1}))
+    cfg = SimpleNamespace(student=one_layer, seed=0, method="sequence", teacher=str(sft))
+    student, _ = build_student(cfg, teacher, tok, texts)
+    top = max(range(len(influence)), key=influence.__getitem__)
+    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[top].self_attn.q_proj.weight)
+    with pytest.raises(DistillError, match="calibration"):
+        build_student(cfg, teacher, tok, [])
 
 
 def assert_nothing_written(wd: Path) -> None:
