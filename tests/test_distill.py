@@ -24,7 +24,8 @@ EVAL = {"max_per_suite": 4, "max_new_tokens": 8, "block_size": 32, "batch_size":
 
 def distill_params(**overrides) -> dict:
     base = {"teacher": "models/teacher", "max_prompts": 64, "max_new_tokens": 16, "gen_batch_size": 32,
-            "student": {"source": "tiny", "init": "random", "layers": "evenly", "tiny": STUDENT}, "train": TRAIN, "eval": EVAL}
+            "student": {"source": "tiny", "init": "random", "layers": "evenly", "tiny": STUDENT},
+            "train": TRAIN, "eval": EVAL}
     return tiny_params(distill=_merge(base, overrides))
 
 
@@ -153,7 +154,8 @@ def test_block_influence_keeps_the_layers_that_change_the_hidden_states_most(tea
     cfg = SimpleNamespace(student=one_layer, seed=0, method="sequence", teacher=str(sft))
     student, _ = build_student(cfg, teacher, tok, texts)
     top = max(range(len(influence)), key=influence.__getitem__)
-    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[top].self_attn.q_proj.weight)
+    kept, taken = student.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[top].self_attn.q_proj.weight
+    assert torch.equal(kept, taken)
     with pytest.raises(DistillError, match="calibration"):
         build_student(cfg, teacher, tok, [])
 

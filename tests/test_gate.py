@@ -133,7 +133,8 @@ def test_a_model_without_the_metric_does_not_pass():
     (gate(GateRule("perplexity", "not_worse")), "perplexity has no per-item outcomes"),
     (gate(earn={"sft": [GateRule("cot_accuracy", "better")]}), "'sft' is the reference"),
     (gate(earn={"teacher": []}), "'teacher' is not one of evaluate.models"),
-    (gate(earn={"aligned": [GateRule("win_rate", "interval_above")]}), r"earn.aligned\[0\]\] win_rate interval_above: needs"),
+    (gate(earn={"aligned": [GateRule("win_rate", "interval_above")]}),
+     r"earn.aligned\[0\]\] win_rate interval_above: needs"),
 ])
 def test_a_gate_that_cannot_be_read_stops_at_load(g, message):
     from posttrain.core.config import ConfigError

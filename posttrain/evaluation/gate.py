@@ -58,7 +58,8 @@ def check_config(gate: GateConfig, models: list[str]) -> None:
     """Stop before anything loads when the gate names a model evaluate does not score, or a rule cannot be read."""
     known = ", ".join(models)
     earn_rules = [r for rules in gate.earn.values() for r in rules]
-    for name in (gate.reference, *gate.candidates, *gate.earn, *(r.against for r in gate.rules + earn_rules if r.against)):
+    against = [r.against for r in gate.rules + earn_rules if r.against]
+    for name in (gate.reference, *gate.candidates, *gate.earn, *against):
         if name not in models:
             raise ConfigError(f"[export.gate] {name!r} is not one of evaluate.models ({known})")
     if gate.reference in gate.earn:
@@ -195,11 +196,11 @@ def summary_lines(decision: dict) -> list[str]:
     chosen = decision["chosen"]
     lines = [f"Paired tests against {decision['reference']} at alpha {decision['alpha']}; among the models that pass, "
              f"the best {decision['primary']} ships. Shipped: **{chosen or 'none'}**.", "",
-             "| model | passed | earned its place | " + decision["primary"] + " | failed rules |", "|---|---|---|---|---|"]
+             f"| model | passed | earned its place | {decision['primary']} | failed rules |", "|---|---|---|---|---|"]
     for name, m in decision["models"].items():
         primary = "n/a" if m["primary"] is None else f"{m['primary']:.3f}"
-        earned = "yes" if m["earned"] else "no"
-        lines.append(f"| {name} | {'yes' if m['passed'] else 'no'} | {earned} | {primary} | {'; '.join(m['failed']) or '-'} |")
+        passed, earned = ("yes" if m["passed"] else "no"), ("yes" if m["earned"] else "no")
+        lines.append(f"| {name} | {passed} | {earned} | {primary} | {'; '.join(m['failed']) or '-'} |")
     idle = [n for n, m in decision["models"].items() if not m["earned"]]
     if idle:
         lines += ["", f"Did not earn their place (export.gate.earn: their stage did not help here): {', '.join(idle)}."]
