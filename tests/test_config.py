@@ -155,5 +155,7 @@ def test_the_real_profile_builds_every_stage_config():
         module = importlib.import_module(f"stages.{stage}")
         cfg = load_config(stage, typing.get_type_hints(module.run)["cfg"], params=real)
         if hasattr(cfg, "adapter"):
-            assert cfg.adapter.method == "lora", stage  # a pretrained model: adapters, not full training
+            # a pretrained model: adapters, or (reward, judge) the top layers only, never full training
+            top_layers_only = cfg.adapter.method == "freeze" and stage in ("reward", "judge")
+            assert cfg.adapter.method == "lora" or top_layers_only, stage
     assert real["base"]["source"].endswith(".gguf")

@@ -56,7 +56,8 @@ def real_params(**overrides) -> dict:
     # three of the lineage's models (the reference, the aligned one, the student): each more is a 135 M model to load
     params["evaluate"]["models"] = {"sft": "models/sft", "aligned": "models/align", "student": "models/distill"}
     params["export"]["gate"].update(candidates=["student", "aligned", "sft"], rules=[  # no floors: 2 steps refuse nothing
-        {"metric": m, "test": "not_worse"} for m in ("instruction_em", "cot_accuracy", "refusal_rate")])
+        {"metric": m, "test": "not_worse"} for m in ("instruction_em", "cot_accuracy", "refusal_rate")],
+        earn={})  # 2 steps earn nothing; the earn rules are tested in test_gate.py
     return params
 
 
