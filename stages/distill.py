@@ -30,7 +30,7 @@ from posttrain.model.loading import load_model, load_tokenizer
 from posttrain.train.cli import run_stage
 from posttrain.train.distillation import DistillError, SuiteConfig, compare, prompt_key, teacher_answers, write_report
 from posttrain.train.harness import TrainingStage
-from posttrain.train.student_init import StudentConfig, build_student, init_from_teacher  # noqa: F401 (tests)
+from posttrain.train.student_init import CALIBRATION_TEXTS, StudentConfig, build_student
 from posttrain.train.training import examples_needed, trainer_args
 
 STAGE = "distill"
@@ -159,7 +159,7 @@ def run(cfg: DistillConfig) -> dict:
     check_teacher(cfg.teacher)
     prompts = load_prompts(cfg)
     teacher, t_tok = load_model(cfg.teacher), load_tokenizer(cfg.teacher)
-    calibration = [t_tok.apply_chat_template(p, tokenize=False) for p in prompts[:32]]  # student.layers
+    calibration = [t_tok.apply_chat_template(p, tokenize=False) for p in prompts[:CALIBRATION_TEXTS]]
     student, s_tok = build_student(cfg, teacher, t_tok, calibration)
     initial = copy.deepcopy(student)  # the untrained student, measured against the trained one
     stage.seed()

@@ -118,7 +118,8 @@ def test_eval_prompts_are_not_distilled(teacher, tmp_path):
 def test_student_initialised_from_the_teacher_copies_its_layers(teacher):
     from posttrain.model.loading import load_model, load_tokenizer
     from posttrain.model.tiny import TinyModelConfig, build_tiny_model
-    from stages.distill import DistillError, init_from_teacher
+    from posttrain.train.student_init import init_from_teacher
+    from stages.distill import DistillError
 
     sft = teacher / "models/teacher"
     teacher, tok = load_model(sft), load_tokenizer(sft)

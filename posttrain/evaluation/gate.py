@@ -115,10 +115,10 @@ def judge_model(gate: GateConfig, name: str, table: dict, items: dict, reference
     results = []
     row = table.get(name) or {}
     earn = gate.earn.get(name, [])
-    for rule in gate.rules + earn:
+    for rule, is_earn in [(r, False) for r in gate.rules] + [(r, True) for r in earn]:
         against = rule.against or gate.reference
         value = row.get(rule.metric)
-        out: dict = {"metric": rule.metric, "test": rule.test, "value": value, "earn": rule in earn}
+        out: dict = {"metric": rule.metric, "test": rule.test, "value": value, "earn": is_earn}
         if rule.test in PAIRED_TESTS:
             out["against"] = against
             out.update(_paired(rule, name, against, items, reference_of_judge, gate.alpha))

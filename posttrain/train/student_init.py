@@ -19,6 +19,8 @@ from posttrain.model.loading import load_model, load_tokenizer
 from posttrain.model.tiny import TinyModelConfig, build_tiny_model
 from posttrain.train.distillation import DistillError
 
+CALIBRATION_TEXTS = 32  # block_influence: prompts the teacher's layers are measured on (ShortGPT uses a few dozen)
+
 
 @dataclass(frozen=True)
 class StudentConfig:
